@@ -1,0 +1,40 @@
+"""The compiled data plane (Rust, PyO3). Python orchestrates; this module moves bytes.
+
+The config passed in is the *normalized* JSON that ``ferrogate.config`` produces: named
+upstreams only (route URLs already turned into upstreams), durations as float seconds,
+sizes as integer bytes, hash_on as an object.
+"""
+
+__version__: str
+
+def check_config(config_json: str) -> list[tuple[str, str]]:
+    """Compile the config as a worker would and return its problems.
+
+    Each problem is ``(path, message)`` where path is like ``routes[3].paths[1]``.
+    An empty list means the config compiles.
+    """
+
+def route_table(config_json: str) -> list[dict[str, object]]:
+    """The compiled route table in precedence order.
+
+    Each row has keys: ``host`` (str, ``*`` for any), ``path`` (the radix pattern),
+    ``route`` (name), ``methods`` (list[str]), ``predicates`` (list[str]),
+    ``priority`` (int), ``upstream`` (str), ``rewrite`` (str | None).
+    Raises ValueError if the config does not compile.
+    """
+
+def serve(listen_fds: list[int], config_path: str, worker_id: int) -> None:
+    """Run one worker's proxy on already-listening sockets until SIGTERM; releases the GIL.
+
+    ``config_path`` is a normalized JSON config file. SIGHUP re-reads it and swaps the
+    routing state atomically (in-flight requests finish on the old one). SIGTERM stops
+    accepting and drains in-flight requests for at most ``grace_period`` seconds.
+    The worker also exits when its parent dies. Raises ValueError on a bad config.
+    """
+
+def serve_echo(listen_fd: int) -> None:
+    """Run the built-in echo upstream on a listening socket until SIGTERM.
+
+    Every request gets a 200 JSON answer describing it: method, path, query, headers
+    (lower-case names, list of values), body length and body (as text, truncated to 64 KiB).
+    """

@@ -1,0 +1,85 @@
+//! One compiled config: routes, upstreams, limits and the filter chain. A worker holds
+//! the current `Engine` behind an `ArcSwap`; a reload builds a new one and swaps it in,
+//! while requests already in flight finish on the one they started with.
+
+use crate::config::{ConfigProblem, GatewayConfig, Limits};
+use crate::filters::{BodyLimit, ForwardedHeaders};
+use crate::phase::Filter;
+use crate::router::Router;
+use crate::upstream::{secs, Upstream};
+use std::collections::HashMap;
+use std::time::Duration;
+
+pub struct Engine {
+    pub router: Router,
+    pub upstreams: Vec<Upstream>,
+    pub limits: Limits,
+    pub filters: Vec<Box<dyn Filter>>,
+    pub grace_period: Duration,
+    pub client_idle: Duration,
+}
+
+impl Engine {
+    /// Compile `config`, reusing the connection pools of `previous` where they still fit.
+    pub fn build(
+        config: &GatewayConfig,
+        previous: Option<&Engine>,
+    ) -> Result<Engine, Vec<ConfigProblem>> {
+        let mut problems = Vec::new();
+        let mut upstreams = Vec::new();
+        let mut index = HashMap::new();
+        for (name, uc) in &config.upstreams {
+            let reuse = |n: &str, pool: &_| {
+                previous?
+                    .upstreams
+                    .iter()
+                    .find(|u| u.name == n && &u.pool == pool)
+                    .map(|u| u.client.clone())
+            };
+            match Upstream::build(name, uc, &config.timeouts, &reuse) {
+                Ok(u) => {
+                    index.insert(name.clone(), upstreams.len());
+                    upstreams.push(u);
+                }
+                Err(mut p) => problems.append(&mut p),
+            }
+        }
+        let lookup = |n: &str| {
+            index
+                .get(n)
+                .copied()
+                .or_else(|| config.upstreams.contains_key(n).then_some(0))
+        };
+        let router = match Router::build(config, &lookup) {
+            Ok(r) => Some(r),
+            Err(mut p) => {
+                problems.append(&mut p);
+                None
+            }
+        };
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let mut filters: Vec<Box<dyn Filter>> = Vec::new();
+        if config.limits.max_body_bytes > 0 {
+            filters.push(Box::new(BodyLimit(config.limits.max_body_bytes)));
+        }
+        filters.push(Box::new(ForwardedHeaders));
+        Ok(Engine {
+            router: router.expect("no problems means the router compiled"),
+            upstreams,
+            limits: config.limits.clone(),
+            filters,
+            grace_period: secs(config.grace_period),
+            client_idle: secs(config.timeouts.client_idle),
+        })
+    }
+
+    /// Problems with `config_json`, as the control plane shows them.
+    pub fn check(config_json: &str) -> Vec<ConfigProblem> {
+        match GatewayConfig::from_json(config_json) {
+            Ok(cfg) => Engine::build(&cfg, None).err().unwrap_or_default(),
+            Err(e) => vec![ConfigProblem::new("", e)],
+        }
+    }
+}

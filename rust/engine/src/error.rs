@@ -1,0 +1,102 @@
+//! Errors the gateway answers itself, with one stable JSON shape:
+//! `{"error": {"status", "code", "message", "request_id"}}`.
+
+use http::{header, HeaderValue, Response, StatusCode};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    BadRequest,
+    NoRoute,
+    RequestTimeout,
+    BodyTooLarge,
+    HeadersTooLarge,
+    Internal,
+    UpstreamUnreachable,
+    UpstreamTimeout,
+}
+
+impl ErrorKind {
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::NoRoute => StatusCode::NOT_FOUND,
+            ErrorKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorKind::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    pub fn code(self) -> &'static str {
+        match self {
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::NoRoute => "no_route",
+            ErrorKind::RequestTimeout => "request_timeout",
+            ErrorKind::BodyTooLarge => "body_too_large",
+            ErrorKind::HeadersTooLarge => "headers_too_large",
+            ErrorKind::Internal => "internal_error",
+            ErrorKind::UpstreamUnreachable => "upstream_unreachable",
+            ErrorKind::UpstreamTimeout => "upstream_timeout",
+        }
+    }
+
+    /// Errors about the client's framing leave the connection in an unknown state: close it.
+    fn closes_connection(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::BadRequest | ErrorKind::BodyTooLarge | ErrorKind::RequestTimeout
+        )
+    }
+}
+
+#[derive(Debug)]
+pub struct GatewayError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl GatewayError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        GatewayError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    pub fn body(&self, request_id: &HeaderValue) -> String {
+        serde_json::json!({"error": {
+            "status": self.kind.status().as_u16(),
+            "code": self.kind.code(),
+            "message": self.message,
+            "request_id": request_id.to_str().unwrap_or(""),
+        }})
+        .to_string()
+    }
+
+    pub fn into_response<B>(
+        self,
+        request_id: &HeaderValue,
+        full: impl FnOnce(String) -> B,
+    ) -> Response<B> {
+        let body = self.body(request_id);
+        let mut resp = Response::new(full(body));
+        *resp.status_mut() = self.kind.status();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if self.kind.closes_connection() {
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
+    }
+}
+
+impl std::fmt::Display for GatewayError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind.code(), self.message)
+    }
+}

@@ -1,0 +1,78 @@
+//! Built-in filters that every route runs.
+
+use crate::error::{ErrorKind, GatewayError};
+use crate::headers::{append_forwarded_for, X_FORWARDED_HOST, X_FORWARDED_PROTO};
+use crate::phase::{Filter, RequestCtx};
+use http::{header, request, HeaderValue};
+
+/// X-Forwarded-For / -Proto / -Host and Via on the way upstream.
+pub struct ForwardedHeaders;
+
+static VIA_H1: HeaderValue = HeaderValue::from_static("1.1 ferrogate");
+static VIA_H2: HeaderValue = HeaderValue::from_static("2 ferrogate");
+
+pub fn via_value(version: http::Version) -> HeaderValue {
+    if version == http::Version::HTTP_2 {
+        VIA_H2.clone()
+    } else {
+        VIA_H1.clone()
+    }
+}
+
+impl Filter for ForwardedHeaders {
+    fn name(&self) -> &'static str {
+        "forwarded-headers"
+    }
+
+    fn upstream_request(&self, ctx: &RequestCtx, req: &mut request::Parts) {
+        let ip = ctx.client.ip();
+        let ip = if let std::net::IpAddr::V6(v6) = ip {
+            v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4)
+        } else {
+            ip
+        };
+        append_forwarded_for(&mut req.headers, &ip.to_string());
+        req.headers
+            .insert(&X_FORWARDED_PROTO, HeaderValue::from_static(ctx.scheme));
+        if !req.headers.contains_key(&X_FORWARDED_HOST) {
+            let host = req.headers.get(header::HOST).cloned().or_else(|| {
+                req.uri
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            });
+            if let Some(h) = host {
+                req.headers.insert(&X_FORWARDED_HOST, h);
+            }
+        }
+        // req.version is still the client's here; it becomes HTTP/1.1 only on the wire upstream.
+        req.headers.append(header::VIA, via_value(req.version));
+    }
+}
+
+/// Refuses a declared body above `limits.max_body_bytes` before anything is forwarded;
+/// streamed bodies are counted in [`crate::body::RequestBody`].
+pub struct BodyLimit(pub u64);
+
+impl Filter for BodyLimit {
+    fn name(&self) -> &'static str {
+        "body-limit"
+    }
+
+    fn access(&self, _ctx: &mut RequestCtx, req: &request::Parts) -> Result<(), GatewayError> {
+        let declared = req
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        match declared {
+            Some(n) if n > self.0 => Err(GatewayError::new(
+                ErrorKind::BodyTooLarge,
+                format!(
+                    "request body of {n} bytes is above the limit of {} bytes",
+                    self.0
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+}

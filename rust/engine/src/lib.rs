@@ -1,0 +1,20 @@
+//! ferrogate's data plane: an HTTP/1.1 and HTTP/2 reverse proxy on tokio + hyper.
+//!
+//! A request flows through [`proxy::handle`] in the phases named in [`phase`]; the
+//! control plane (Python) hands each worker a normalized [`config::GatewayConfig`].
+
+pub mod balancer;
+pub mod body;
+pub mod config;
+pub mod echo;
+pub mod engine;
+pub mod error;
+pub mod filters;
+pub mod headers;
+pub mod phase;
+pub mod proxy;
+pub mod router;
+pub mod server;
+pub mod upstream;
+
+pub use engine::Engine;

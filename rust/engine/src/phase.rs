@@ -1,0 +1,44 @@
+//! The phases of a request and the `Filter` trait that built-in features implement to
+//! take part in them. Python plugins use the same phase names.
+//!
+//! 1. `route`            the router picks a route (core, not a filter hook)
+//! 2. `access`           after routing, before an upstream target is chosen: may answer early
+//! 3. `upstream_request` the request about to go upstream: rewrite headers
+//! 4. `response_headers` the upstream's response head on its way back
+//! 5. `response_body`    the body streams through (core; plugin hooks come with the plugin host)
+//! 6. `log`              after the response is sent (observability work attaches here)
+//!
+//! Every hook has a no-op default, so adding a phase never breaks an existing filter.
+
+use crate::error::GatewayError;
+use crate::router::Route;
+use http::{request, response, HeaderValue};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What a request carries through its phases; created once, passed to every hook.
+pub struct RequestCtx {
+    pub request_id: HeaderValue,
+    pub client: SocketAddr,
+    pub started: Instant,
+    /// Set by the route phase.
+    pub route: Option<Arc<Route>>,
+    /// "http" or "https"; the scheme the client used.
+    pub scheme: &'static str,
+}
+
+pub trait Filter: Send + Sync {
+    fn name(&self) -> &'static str;
+
+    /// `access` phase. An error answers the client; the upstream is never contacted.
+    fn access(&self, _ctx: &mut RequestCtx, _req: &request::Parts) -> Result<(), GatewayError> {
+        Ok(())
+    }
+
+    /// `upstream_request` phase: `req` already has hop-by-hop headers removed.
+    fn upstream_request(&self, _ctx: &RequestCtx, _req: &mut request::Parts) {}
+
+    /// `response_headers` phase: `resp` already has hop-by-hop headers removed.
+    fn response_headers(&self, _ctx: &RequestCtx, _resp: &mut response::Parts) {}
+}

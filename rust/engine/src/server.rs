@@ -1,0 +1,157 @@
+//! A worker: accepts on the listening sockets the master handed over, serves HTTP/1.1 and
+//! h2c (prior knowledge) on each connection, reloads on SIGHUP and drains on SIGTERM.
+
+use crate::config::GatewayConfig;
+use crate::engine::Engine;
+use crate::proxy::{self, Worker};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use std::convert::Infallible;
+use std::os::fd::{FromRawFd, RawFd};
+use std::path::Path;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+
+/// One structured event line on stderr; the master collects workers' stderr.
+pub fn log_event(level: &str, event: &str, fields: serde_json::Value) {
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    let mut line =
+        serde_json::json!({"ts": ts, "level": level, "event": event, "pid": std::process::id()});
+    if let (Some(obj), serde_json::Value::Object(extra)) = (line.as_object_mut(), fields) {
+        obj.extend(extra);
+    }
+    eprintln!("{line}");
+}
+
+fn load_engine(path: &Path, previous: Option<&Engine>) -> Result<Engine, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let cfg = GatewayConfig::from_json(&text)?;
+    Engine::build(&cfg, previous).map_err(|p| {
+        p.iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("; ")
+    })
+}
+
+/// Exit with the parent: a worker never outlives its master.
+fn die_with_parent() {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag on this process.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+    }
+}
+
+fn listener_from_fd(fd: RawFd) -> Result<TcpListener, String> {
+    // SAFETY: the master passed this descriptor to us as a listening TCP socket we now own.
+    let std = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    std.set_nonblocking(true)
+        .map_err(|e| format!("fd {fd}: {e}"))?;
+    TcpListener::from_std(std).map_err(|e| format!("fd {fd}: {e}"))
+}
+
+fn http_builder(engine: &Engine) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(engine.client_idle)
+        .max_buf_size(engine.limits.max_header_bytes.max(8192));
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(engine.limits.max_header_bytes.min(u32::MAX as usize) as u32);
+    b
+}
+
+/// Run a worker until SIGTERM. Blocks the calling thread.
+pub fn serve(fds: &[RawFd], config_path: &Path, worker_id: usize) -> Result<(), String> {
+    die_with_parent();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    rt.block_on(async {
+        let engine = load_engine(config_path, None)?;
+        let builder = http_builder(&engine);
+        let worker = Arc::new(Worker::new(engine));
+        let graceful = Arc::new(GracefulShutdown::new());
+        let mut accepting = Vec::new();
+        for &fd in fds {
+            let listener = listener_from_fd(fd)?;
+            accepting.push(tokio::spawn(accept_loop(listener, worker.clone(), builder.clone(), graceful.clone())));
+        }
+        let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+        let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+        log_event("info", "worker_started", serde_json::json!({"worker": worker_id}));
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = hup.recv() => {
+                    let current = worker.engine.load_full();
+                    match load_engine(config_path, Some(&current)) {
+                        Ok(engine) => {
+                            worker.engine.store(Arc::new(engine));
+                            log_event("info", "config_applied", serde_json::json!({"worker": worker_id}));
+                        }
+                        Err(e) => log_event("error", "config_apply_failed", serde_json::json!({"worker": worker_id, "error": e})),
+                    }
+                }
+            }
+        }
+        // Stop accepting, then let in-flight requests finish within the grace period.
+        for task in &accepting {
+            task.abort();
+        }
+        for task in accepting {
+            let _ = task.await;
+        }
+        let grace = worker.engine.load().grace_period;
+        let graceful = Arc::try_unwrap(graceful).map_err(|_| "accept loops still hold the shutdown handle".to_string())?;
+        let open = graceful.count();
+        let drained = tokio::time::timeout(grace, graceful.shutdown()).await.is_ok();
+        log_event("info", "worker_stopped", serde_json::json!({"worker": worker_id, "open_connections": open, "drained": drained}));
+        Ok(())
+    })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    worker: Arc<Worker>,
+    builder: auto::Builder<TokioExecutor>,
+    graceful: Arc<GracefulShutdown>,
+) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                log_event(
+                    "warn",
+                    "accept_failed",
+                    serde_json::json!({"error": e.to_string()}),
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let worker = worker.clone();
+        let svc = service_fn(move |req| {
+            let worker = worker.clone();
+            async move { Ok::<_, Infallible>(proxy::handle(&worker, req, peer).await) }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+}

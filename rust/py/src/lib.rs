@@ -1,0 +1,82 @@
+//! `ferrogate._core`: the thin binding between the Python control plane and the engine.
+//! Everything here converts types and releases the GIL; behaviour lives in the engine.
+
+use ferrogate_engine::config::GatewayConfig;
+use ferrogate_engine::router::Router;
+use ferrogate_engine::{echo, server, Engine};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use std::path::PathBuf;
+
+/// Compile a normalized config as a worker would; returns `(path, message)` problems.
+#[pyfunction]
+fn check_config(config_json: &str) -> Vec<(String, String)> {
+    Engine::check(config_json)
+        .into_iter()
+        .map(|p| (p.path, p.message))
+        .collect()
+}
+
+/// The compiled route table in precedence order.
+#[pyfunction]
+fn route_table<'py>(py: Python<'py>, config_json: &str) -> PyResult<Vec<Bound<'py, PyDict>>> {
+    let cfg = GatewayConfig::from_json(config_json).map_err(PyValueError::new_err)?;
+    let engine = Engine::build(&cfg, None).map_err(|p| {
+        PyValueError::new_err(
+            p.iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        )
+    })?;
+    table_rows(py, &engine.router)
+}
+
+fn table_rows<'py>(py: Python<'py>, router: &Router) -> PyResult<Vec<Bound<'py, PyDict>>> {
+    router
+        .table()
+        .into_iter()
+        .map(|row| {
+            let d = PyDict::new(py);
+            d.set_item("host", row.host)?;
+            d.set_item("path", row.path)?;
+            d.set_item("route", row.route)?;
+            d.set_item("methods", row.methods)?;
+            d.set_item("predicates", row.predicates)?;
+            d.set_item("priority", row.priority)?;
+            d.set_item("upstream", row.upstream)?;
+            d.set_item("rewrite", row.rewrite)?;
+            Ok(d)
+        })
+        .collect()
+}
+
+/// Run one worker on the given listening sockets until SIGTERM (GIL released).
+#[pyfunction]
+fn serve(
+    py: Python<'_>,
+    listen_fds: Vec<i32>,
+    config_path: PathBuf,
+    worker_id: usize,
+) -> PyResult<()> {
+    py.detach(|| server::serve(&listen_fds, &config_path, worker_id))
+        .map_err(PyRuntimeError::new_err)
+}
+
+/// Run the built-in echo upstream on a listening socket until SIGTERM (GIL released).
+#[pyfunction]
+fn serve_echo(py: Python<'_>, listen_fd: i32) -> PyResult<()> {
+    py.detach(|| echo::serve_echo(listen_fd))
+        .map_err(PyRuntimeError::new_err)
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(check_config, m)?)?;
+    m.add_function(wrap_pyfunction!(route_table, m)?)?;
+    m.add_function(wrap_pyfunction!(serve, m)?)?;
+    m.add_function(wrap_pyfunction!(serve_echo, m)?)?;
+    Ok(())
+}
