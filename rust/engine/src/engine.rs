@@ -29,12 +29,13 @@ impl Engine {
         let mut upstreams = Vec::new();
         let mut index = HashMap::new();
         for (name, uc) in &config.upstreams {
-            let reuse = |n: &str, pool: &_| {
-                previous?
-                    .upstreams
+            let reuse = |address: &str, settings: &_| {
+                let old = previous?.upstreams.iter().find(|u| &u.name == name)?;
+                let t = old
+                    .targets
                     .iter()
-                    .find(|u| u.name == n && &u.pool == pool)
-                    .map(|u| u.client.clone())
+                    .find(|t| t.address == address && &t.pool.settings == settings)?;
+                Some(t.pool.clone())
             };
             match Upstream::build(name, uc, &config.timeouts, &reuse) {
                 Ok(u) => {

@@ -12,6 +12,7 @@ pub mod error;
 pub mod filters;
 pub mod headers;
 pub mod phase;
+pub mod pool;
 pub mod proxy;
 pub mod router;
 pub mod server;

@@ -1,13 +1,14 @@
 //! The request path. One function per phase, called in order by [`handle`]; see
 //! `phase.rs` for the phase names and docs/architecture.md for the picture.
 
-use crate::body::{BodyError, RequestBody, ResponseBody};
+use crate::body::{BodyError, OnEnd, RequestBody, ResponseBody};
 use crate::config::HashSource;
 use crate::engine::Engine;
 use crate::error::{ErrorKind, GatewayError};
 use crate::filters::via_value;
 use crate::headers::{new_request_id, strip_hop_by_hop, X_REQUEST_ID};
 use crate::phase::RequestCtx;
+use crate::pool::{Lease, SendError};
 use crate::router::RequestHead;
 use crate::upstream::{InflightGuard, Upstream};
 use arc_swap::ArcSwap;
@@ -20,7 +21,20 @@ use std::error::Error as _;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-pub type ProxyBody = ResponseBody<Option<InflightGuard>>;
+pub type ProxyBody = ResponseBody<UpstreamLease>;
+
+/// What a response body holds on to: the pooled connection it is read from and the
+/// target's in-flight slot.
+pub struct UpstreamLease {
+    conn: Lease,
+    _inflight: InflightGuard,
+}
+
+impl OnEnd for UpstreamLease {
+    fn on_end(&mut self) {
+        self.conn.release();
+    }
+}
 
 /// A worker's shared state: the current engine, swapped on reload.
 pub struct Worker {
@@ -134,9 +148,9 @@ async fn forward(
         RequestBody::new(body, first, engine.limits.max_body_bytes),
     );
 
-    let resp =
-        match tokio::time::timeout(upstream.read_timeout, upstream.client.request(up_req)).await {
-            Ok(Ok(resp)) => resp,
+    let (resp, conn) =
+        match tokio::time::timeout(upstream.read_timeout, target.pool.send(up_req)).await {
+            Ok(Ok(sent)) => sent,
             Ok(Err(e)) => return Err(upstream_error(&e, &target.address)),
             Err(_) => {
                 return Err(GatewayError::new(
@@ -166,7 +180,10 @@ async fn forward(
         rparts,
         ResponseBody::Upstream {
             inner: rbody,
-            _guard: Some(guard),
+            guard: Some(UpstreamLease {
+                conn,
+                _inflight: guard,
+            }),
         },
     ))
 }
@@ -264,7 +281,22 @@ fn upstream_path_and_query(
     })
 }
 
-fn upstream_error(e: &hyper_util::client::legacy::Error, target: &str) -> GatewayError {
+fn upstream_error(e: &SendError, target: &str) -> GatewayError {
+    let e = match e {
+        SendError::ConnectTimeout => {
+            return GatewayError::new(
+                ErrorKind::UpstreamTimeout,
+                format!("connecting to upstream {target} timed out"),
+            )
+        }
+        SendError::Connect(io) => {
+            return GatewayError::new(
+                ErrorKind::UpstreamUnreachable,
+                format!("could not connect to upstream {target}: {io}"),
+            )
+        }
+        SendError::Http(e) => e,
+    };
     let mut source = e.source();
     while let Some(s) = source {
         if let Some(b) = s.downcast_ref::<BodyError>() {
@@ -278,29 +310,10 @@ fn upstream_error(e: &hyper_util::client::legacy::Error, target: &str) -> Gatewa
                 ),
             };
         }
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return GatewayError::new(
-                    ErrorKind::UpstreamTimeout,
-                    format!("connecting to upstream {target} timed out"),
-                );
-            }
-        }
-        if s.to_string().contains("timed out") && e.is_connect() {
-            return GatewayError::new(
-                ErrorKind::UpstreamTimeout,
-                format!("connecting to upstream {target} timed out"),
-            );
-        }
         source = s.source();
     }
-    let what = if e.is_connect() {
-        "could not connect to"
-    } else {
-        "lost the connection to"
-    };
     GatewayError::new(
         ErrorKind::UpstreamUnreachable,
-        format!("{what} upstream {target}"),
+        format!("lost the connection to upstream {target}: {e}"),
     )
 }

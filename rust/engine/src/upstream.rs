@@ -1,19 +1,12 @@
-//! Upstreams: their targets, how one is chosen, and the pooled keep-alive client that
-//! reaches them.
+//! Upstreams: their targets, how one is chosen, and the keep-alive pools that reach them.
 
 use crate::balancer::{Balancer, HashKey};
-use crate::body::RequestBody;
-use crate::config::ConfigProblem;
-use crate::config::{HashSource, Timeouts, UpstreamConfig};
+use crate::config::{ConfigProblem, HashSource, Timeouts, UpstreamConfig};
+use crate::pool::{ConnPool, PoolSettings};
 use http::uri::Authority;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-pub type HttpClient = Client<HttpConnector, RequestBody>;
 
 /// A target's live counters; shared with in-flight requests through [`InflightGuard`].
 #[derive(Debug, Default)]
@@ -21,20 +14,12 @@ pub struct TargetStats {
     pub inflight: AtomicUsize,
 }
 
-#[derive(Debug)]
 pub struct Target {
     pub address: String,
     pub authority: Authority,
     pub weight: u32,
     pub stats: Arc<TargetStats>,
-}
-
-/// Settings that shape a client's pool; a reload that keeps them keeps the pool warm.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PoolSettings {
-    pub keepalive: usize,
-    pub keepalive_timeout: Duration,
-    pub connect_timeout: Duration,
+    pub pool: Arc<ConnPool>,
 }
 
 pub struct Upstream {
@@ -42,8 +27,6 @@ pub struct Upstream {
     pub targets: Vec<Target>,
     weights: Vec<u32>,
     balancer: Balancer,
-    pub client: HttpClient,
-    pub pool: PoolSettings,
     pub read_timeout: Duration,
     pub path_prefix: String,
 }
@@ -62,13 +45,13 @@ pub fn secs(s: f64) -> Duration {
 }
 
 impl Upstream {
-    /// Build an upstream; `reuse` returns a client from the previous config with the same
-    /// pool settings, so a reload does not drop pooled connections.
+    /// Build an upstream; `reuse` returns a target's pool from the previous config when
+    /// its settings did not change, so a reload keeps pooled connections warm.
     pub fn build(
         name: &str,
         cfg: &UpstreamConfig,
         defaults: &Timeouts,
-        reuse: &dyn Fn(&str, &PoolSettings) -> Option<HttpClient>,
+        reuse: &dyn Fn(&str, &PoolSettings) -> Option<Arc<ConnPool>>,
     ) -> Result<Upstream, Vec<ConfigProblem>> {
         let mut problems = Vec::new();
         if cfg.targets.is_empty() {
@@ -77,6 +60,15 @@ impl Upstream {
                 "needs at least one target",
             ));
         }
+        let (connect, read) = match &cfg.timeouts {
+            Some(t) => (t.connect, t.read),
+            None => (defaults.connect, defaults.read),
+        };
+        let settings = PoolSettings {
+            keepalive: cfg.keepalive,
+            keepalive_timeout: secs(cfg.keepalive_timeout),
+            connect_timeout: secs(connect),
+        };
         let mut targets = Vec::new();
         for (i, t) in cfg.targets.iter().enumerate() {
             match t.address.parse::<Authority>() {
@@ -85,6 +77,8 @@ impl Upstream {
                     authority: a,
                     weight: t.weight.max(1),
                     stats: Arc::default(),
+                    pool: reuse(&t.address, &settings)
+                        .unwrap_or_else(|| ConnPool::new(&t.address, settings.clone())),
                 }),
                 _ => problems.push(ConfigProblem::new(
                     format!("upstreams.{name}.targets[{i}]"),
@@ -104,24 +98,12 @@ impl Upstream {
         if !problems.is_empty() {
             return Err(problems);
         }
-        let (connect, read) = match &cfg.timeouts {
-            Some(t) => (t.connect, t.read),
-            None => (defaults.connect, defaults.read),
-        };
-        let pool = PoolSettings {
-            keepalive: cfg.keepalive,
-            keepalive_timeout: secs(cfg.keepalive_timeout),
-            connect_timeout: secs(connect),
-        };
-        let client = reuse(name, &pool).unwrap_or_else(|| new_client(&pool));
         let weights: Vec<u32> = targets.iter().map(|t| t.weight).collect();
         Ok(Upstream {
             name: name.to_string(),
             balancer: Balancer::new(cfg.balance, &weights, hash),
             weights,
             targets,
-            client,
-            pool,
             read_timeout: secs(read),
             path_prefix: cfg.path_prefix.trim_end_matches('/').to_string(),
         })
@@ -143,17 +125,4 @@ impl Upstream {
         t.stats.inflight.fetch_add(1, Ordering::Relaxed);
         (t, InflightGuard(t.stats.clone()))
     }
-}
-
-fn new_client(pool: &PoolSettings) -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(pool.connect_timeout));
-    connector.set_keepalive(Some(Duration::from_secs(60)));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(pool.keepalive_timeout)
-        .pool_max_idle_per_host(pool.keepalive)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector)
 }
