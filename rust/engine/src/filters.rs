@@ -11,6 +11,15 @@ pub struct ForwardedHeaders;
 static VIA_H1: HeaderValue = HeaderValue::from_static("1.1 ferrogate");
 static VIA_H2: HeaderValue = HeaderValue::from_static("2 ferrogate");
 
+/// The client IP as a header value, IPv4-mapped IPv6 addresses shown as IPv4.
+pub fn client_ip_value(addr: &std::net::SocketAddr) -> HeaderValue {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr.ip(), std::net::IpAddr::V4),
+        ip => ip,
+    };
+    HeaderValue::from_str(&ip.to_string()).expect("an IP address is a valid header value")
+}
+
 pub fn via_value(version: http::Version) -> HeaderValue {
     if version == http::Version::HTTP_2 {
         VIA_H2.clone()
@@ -25,13 +34,7 @@ impl Filter for ForwardedHeaders {
     }
 
     fn upstream_request(&self, ctx: &RequestCtx, req: &mut request::Parts) {
-        let ip = ctx.client.ip();
-        let ip = if let std::net::IpAddr::V6(v6) = ip {
-            v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4)
-        } else {
-            ip
-        };
-        append_forwarded_for(&mut req.headers, &ip.to_string());
+        append_forwarded_for(&mut req.headers, &ctx.client_ip);
         req.headers
             .insert(&X_FORWARDED_PROTO, HeaderValue::from_static(ctx.scheme));
         if !req.headers.contains_key(&X_FORWARDED_HOST) {

@@ -26,6 +26,11 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 
 /// Remove hop-by-hop headers, including every header the Connection header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none or only `Connection`: one pass over the names is cheaper
+    // than hashing ten names that are absent.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -45,20 +50,30 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(&PROXY_CONNECTION);
 }
 
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name == KEEP_ALIVE || name == PROXY_CONNECTION
+}
+
 /// Append the client address to X-Forwarded-For, keeping what earlier proxies wrote.
-pub fn append_forwarded_for(headers: &mut HeaderMap, client_ip: &str) {
-    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.is_empty() => {
-            let mut s = String::with_capacity(prev.len() + 2 + client_ip.len());
-            s.push_str(prev);
-            s.push_str(", ");
-            s.push_str(client_ip);
-            HeaderValue::from_str(&s)
-        }
-        _ => HeaderValue::from_str(client_ip),
-    };
-    if let Ok(v) = value {
-        // several XFF headers from the client were folded into the first above
+pub fn append_forwarded_for(headers: &mut HeaderMap, client_ip: &HeaderValue) {
+    let prev: Vec<&[u8]> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect();
+    if prev.is_empty() {
+        headers.insert(&X_FORWARDED_FOR, client_ip.clone());
+        return;
+    }
+    // Several X-Forwarded-For headers fold into one list, in order.
+    let mut joined =
+        Vec::with_capacity(prev.iter().map(|p| p.len() + 2).sum::<usize>() + client_ip.len());
+    for p in prev {
+        joined.extend_from_slice(p);
+        joined.extend_from_slice(b", ");
+    }
+    joined.extend_from_slice(client_ip.as_bytes());
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
         headers.insert(&X_FORWARDED_FOR, v);
     }
 }
@@ -127,14 +142,20 @@ mod tests {
     #[test]
     fn forwarded_for_appends_to_existing_chain() {
         let mut h = HeaderMap::new();
-        append_forwarded_for(&mut h, "127.0.0.1");
+        let me = HeaderValue::from_static("127.0.0.1");
+        append_forwarded_for(&mut h, &me);
         assert_eq!(h[&X_FORWARDED_FOR], "127.0.0.1");
         h.insert(
             &X_FORWARDED_FOR,
             HeaderValue::from_static("10.0.0.1, 10.0.0.2"),
         );
-        append_forwarded_for(&mut h, "127.0.0.1");
-        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2, 127.0.0.1");
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.3"));
+        append_forwarded_for(&mut h, &me);
+        assert_eq!(
+            h[&X_FORWARDED_FOR],
+            "10.0.0.1, 10.0.0.2, 10.0.0.3, 127.0.0.1"
+        );
+        assert_eq!(h.get_all(&X_FORWARDED_FOR).iter().count(), 1);
     }
 
     #[test]

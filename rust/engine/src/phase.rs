@@ -21,6 +21,9 @@ use std::time::Instant;
 pub struct RequestCtx {
     pub request_id: HeaderValue,
     pub client: SocketAddr,
+    /// The client's IP as a header value (IPv4-mapped IPv6 shown as IPv4), formatted once
+    /// per connection.
+    pub client_ip: HeaderValue,
     pub started: Instant,
     /// Set by the route phase.
     pub route: Option<Arc<Route>>,

@@ -55,6 +55,7 @@ pub async fn handle(
     worker: &Worker,
     req: Request<Incoming>,
     client: SocketAddr,
+    client_ip: HeaderValue,
 ) -> Response<ProxyBody> {
     let engine = worker.engine.load_full();
     let request_id = match req.headers().get(&X_REQUEST_ID) {
@@ -64,6 +65,7 @@ pub async fn handle(
     let mut ctx = RequestCtx {
         request_id,
         client,
+        client_ip,
         started: Instant::now(),
         route: None,
         scheme: "http",
@@ -240,7 +242,7 @@ fn host_of(parts: &request::Parts) -> Option<&str> {
 fn hash_key(upstream: &Upstream, headers: &HeaderMap, ctx: &RequestCtx) -> Option<Vec<u8>> {
     let (source, name) = upstream.hash_source()?;
     match source {
-        HashSource::Ip => Some(ctx.client.ip().to_string().into_bytes()),
+        HashSource::Ip => Some(ctx.client_ip.as_bytes().to_vec()),
         HashSource::Header => headers.get(name?).map(|v| v.as_bytes().to_vec()),
         HashSource::Cookie => {
             let name = name?;

@@ -371,7 +371,7 @@ impl Router {
             .chain(wild.into_iter().map(|(h, t)| (format!("*{h}"), t)))
             .chain(std::iter::once(("*".to_string(), &self.any)));
         for (host, table) in tiers {
-            let mut exact: Vec<(&Vec<Arc<Route>>, String, (u8, usize))> = table
+            let mut exact: Vec<TableLeaf<'_>> = table
                 .exact
                 .patterns
                 .iter()
@@ -379,7 +379,7 @@ impl Router {
                 .map(|(p, l)| (l, p.clone(), pattern_rank(p)))
                 .collect();
             exact.sort_by(|a, b| a.2.cmp(&b.2).then(a.1.cmp(&b.1)));
-            let mut prefix: Vec<(&Vec<Arc<Route>>, String, (u8, usize))> = table
+            let mut prefix: Vec<TableLeaf<'_>> = table
                 .prefix
                 .patterns
                 .iter()
@@ -423,6 +423,9 @@ impl Router {
         rows
     }
 }
+
+/// A leaf's routes, its pattern as shown, and its rank in the table.
+type TableLeaf<'a> = (&'a Vec<Arc<Route>>, String, (u8, usize));
 
 /// Static patterns sort before parameterized ones, those before catch-alls.
 fn pattern_rank(p: &str) -> (u8, usize) {
@@ -501,6 +504,17 @@ fn insert_path(
     }
 }
 
+/// The regex crate's errors draw a caret diagram over several lines; keep the reason.
+fn regex_reason(e: &regex::Error) -> String {
+    let text = e.to_string();
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    last.trim().trim_start_matches("error: ").to_string()
+}
+
 fn compile_matchers(
     kind: &str,
     i: usize,
@@ -516,7 +530,7 @@ fn compile_matchers(
                 Ok(re) => out.push((pr.name.clone(), Matcher::Regex(re))),
                 Err(e) => problems.push(ConfigProblem::new(
                     format!("{at}.regex"),
-                    format!("invalid regex: {}", e.to_string().replace('\n', " ")),
+                    format!("invalid regex: {}", regex_reason(&e)),
                 )),
             },
             _ => problems.push(ConfigProblem::new(

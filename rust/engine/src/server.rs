@@ -3,6 +3,7 @@
 
 use crate::config::GatewayConfig;
 use crate::engine::Engine;
+use crate::filters::client_ip_value;
 use crate::proxy::{self, Worker};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -142,9 +143,11 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let worker = worker.clone();
+        let client_ip = client_ip_value(&peer);
         let svc = service_fn(move |req| {
             let worker = worker.clone();
-            async move { Ok::<_, Infallible>(proxy::handle(&worker, req, peer).await) }
+            let client_ip = client_ip.clone();
+            async move { Ok::<_, Infallible>(proxy::handle(&worker, req, peer, client_ip).await) }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), svc)
