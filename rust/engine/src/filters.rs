@@ -37,15 +37,8 @@ impl Filter for ForwardedHeaders {
         append_forwarded_for(&mut req.headers, &ctx.client_ip);
         req.headers
             .insert(&X_FORWARDED_PROTO, HeaderValue::from_static(ctx.scheme));
-        if !req.headers.contains_key(&X_FORWARDED_HOST) {
-            let host = req.headers.get(header::HOST).cloned().or_else(|| {
-                req.uri
-                    .authority()
-                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            });
-            if let Some(h) = host {
-                req.headers.insert(&X_FORWARDED_HOST, h);
-            }
+        if let (false, Some(h)) = (req.headers.contains_key(&X_FORWARDED_HOST), &ctx.host) {
+            req.headers.insert(&X_FORWARDED_HOST, h.clone());
         }
         // req.version is still the client's here; it becomes HTTP/1.1 only on the wire upstream.
         req.headers.append(header::VIA, via_value(req.version));

@@ -27,6 +27,8 @@ pub struct RequestCtx {
     pub started: Instant,
     /// Set by the route phase.
     pub route: Option<Arc<Route>>,
+    /// The host the client asked for (Host, or :authority on HTTP/2), as it sent it.
+    pub host: Option<HeaderValue>,
     /// "http" or "https"; the scheme the client used.
     pub scheme: &'static str,
 }

@@ -13,7 +13,7 @@ use crate::router::RequestHead;
 use crate::upstream::{InflightGuard, Upstream};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{header, request, HeaderMap, HeaderValue, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
@@ -68,6 +68,7 @@ pub async fn handle(
         client_ip,
         started: Instant::now(),
         route: None,
+        host: None,
         scheme: "http",
     };
     match forward(&engine, &mut ctx, req).await {
@@ -106,6 +107,13 @@ async fn forward(
         (m.route.clone(), m.upstream_path)
     };
     ctx.route = Some(route.clone());
+    ctx.host = match parts.headers.get(header::HOST) {
+        Some(h) => Some(h.clone()),
+        None => parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    };
     let upstream = &engine.upstreams[route.upstream];
 
     // phase: access
@@ -119,25 +127,16 @@ async fn forward(
     let key = hash_key(upstream, &parts.headers, ctx);
     let (target, guard) = upstream.pick(key.as_deref());
     let pq = upstream_path_and_query(upstream, &parts.uri, upstream_path)?;
-    if route.preserve_host {
-        if !parts.headers.contains_key(header::HOST) {
-            if let Some(h) = parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            {
-                parts.headers.insert(header::HOST, h);
-            }
-        }
-    } else if let Ok(h) = HeaderValue::from_str(target.authority.as_str()) {
-        parts.headers.insert(header::HOST, h);
+    // Origin-form: the pool already holds a connection to the target.
+    parts.uri = Uri::from(pq);
+    if !route.preserve_host {
+        parts
+            .headers
+            .insert(header::HOST, target.host_header.clone());
+    } else if let (false, Some(h)) = (parts.headers.contains_key(header::HOST), &ctx.host) {
+        // HTTP/2 clients send :authority instead of Host.
+        parts.headers.insert(header::HOST, h.clone());
     }
-    let mut up = http::uri::Parts::default();
-    up.scheme = Some(Scheme::HTTP);
-    up.authority = Some(target.authority.clone());
-    up.path_and_query = Some(pq);
-    parts.uri =
-        Uri::from_parts(up).map_err(|e| GatewayError::new(ErrorKind::Internal, e.to_string()))?;
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.insert(&X_REQUEST_ID, ctx.request_id.clone());
     for f in &engine.filters {

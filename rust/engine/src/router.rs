@@ -89,19 +89,26 @@ impl Route {
     }
 }
 
+/// A route on one pattern. In the prefix tree, `tail` names the catch-all parameter of a
+/// `/base/{*name}` path (which needs a non-empty rest); `/base/*` paths have none.
+struct Entry {
+    route: Arc<Route>,
+    tail: Option<String>,
+}
+
 /// One radix tree of patterns; each leaf holds the routes sharing a pattern.
 #[derive(Default)]
 struct Tree {
     tree: matchit::Router<usize>,
-    leaves: Vec<Vec<Arc<Route>>>,
+    leaves: Vec<Vec<Entry>>,
     patterns: Vec<String>,
     by_pattern: HashMap<String, usize>,
 }
 
 impl Tree {
-    fn insert(&mut self, pattern: &str, route: Arc<Route>) -> Result<(), String> {
+    fn insert(&mut self, pattern: &str, entry: Entry) -> Result<(), String> {
         if let Some(&leaf) = self.by_pattern.get(pattern) {
-            self.leaves[leaf].push(route);
+            self.leaves[leaf].push(entry);
             return Ok(());
         }
         let leaf = self.leaves.len();
@@ -111,13 +118,13 @@ impl Tree {
                     .by_pattern
                     .get(with.as_str())
                     .and_then(|&l| self.leaves[l].first())
-                    .map(|r| format!(" (route '{}')", r.name))
+                    .map(|e| format!(" (route '{}')", e.route.name))
                     .unwrap_or_default(),
                 _ => String::new(),
             };
             format!("path '{pattern}' cannot be added: {e}{other}")
         })?;
-        self.leaves.push(vec![route]);
+        self.leaves.push(vec![entry]);
         self.patterns.push(pattern.to_string());
         self.by_pattern.insert(pattern.to_string(), leaf);
         Ok(())
@@ -126,6 +133,7 @@ impl Tree {
     fn sort(&mut self) {
         for leaf in &mut self.leaves {
             leaf.sort_by(|a, b| {
+                let (a, b) = (&a.route, &b.route);
                 b.priority
                     .cmp(&a.priority)
                     .then(b.predicate_count().cmp(&a.predicate_count()))
@@ -138,22 +146,25 @@ impl Tree {
         self.leaves.is_empty()
     }
 
+    /// The first entry on `probe` that `accept`s and whose predicates match.
     fn find<'t, 'p>(
         &'t self,
         probe: &'p str,
         req: &RequestHead<'_>,
-    ) -> Option<(&'t Arc<Route>, matchit::Params<'t, 'p>)> {
+        accept: impl Fn(&Entry) -> bool,
+    ) -> Option<(&'t Entry, matchit::Params<'t, 'p>)> {
         let m = self.tree.at(probe).ok()?;
-        let route = self.leaves[*m.value]
+        let entry = self.leaves[*m.value]
             .iter()
-            .find(|r| r.matches(req.method, req.headers, req.query))?;
-        Some((route, m.params))
+            .find(|e| accept(e) && e.route.matches(req.method, req.headers, req.query))?;
+        Some((entry, m.params))
     }
 }
 
-/// The routes of one host tier. Exact patterns (static, `{param}`, `{*catch_all}`) live in
-/// one tree; `/prefix/*` patterns in another, probed at each `/` of the path from the
-/// longest prefix down, so a prefix route never conflicts with a parameter at its depth.
+/// The routes of one host tier. Exact patterns (static and `{param}`) live in one tree;
+/// prefix patterns (`/base/*`, `/base/{*rest}`) in another, probed at each `/` of the path
+/// from the longest prefix down. So a prefix never conflicts with a parameter at its depth,
+/// and the most specific route wins: exact, then the longest prefix.
 #[derive(Default)]
 struct PathTable {
     exact: Tree,
@@ -169,10 +180,10 @@ impl PathTable {
     fn lookup<'a>(&'a self, req: &RequestHead<'_>) -> Option<RouteMatch<'a>> {
         let path = req.path;
         if !self.exact.is_empty() {
-            if let Some((route, params)) = self.exact.find(path, req) {
-                let upstream_path = rewrite_path(route, &params, path, None);
+            if let Some((e, params)) = self.exact.find(path, req, |_| true) {
+                let upstream_path = rewrite_path(&e.route, &params, path, None);
                 return Some(RouteMatch {
-                    route,
+                    route: &e.route,
                     upstream_path,
                 });
             }
@@ -183,10 +194,16 @@ impl PathTable {
         let mut end = path.len();
         loop {
             let probe = if end == 0 { "/" } else { &path[..end] };
-            if let Some((route, params)) = self.prefix.find(probe, req) {
-                let upstream_path = rewrite_path(route, &params, path, Some(end));
+            // `{*rest}` needs something after the prefix's slash.
+            let accept = |e: &Entry| e.tail.is_none() || path.len() > end + 1;
+            if let Some((e, params)) = self.prefix.find(probe, req, accept) {
+                let tail = e
+                    .tail
+                    .as_deref()
+                    .map(|name| (name, &path[(end + 1).min(path.len())..]));
+                let upstream_path = rewrite_path(&e.route, &params, path, Some((end, tail)));
                 return Some(RouteMatch {
-                    route,
+                    route: &e.route,
                     upstream_path,
                 });
             }
@@ -213,24 +230,29 @@ pub struct RouteMatch<'a> {
     pub upstream_path: Option<String>,
 }
 
+/// `prefix` is the matched prefix length and, for `{*name}` paths, the tail parameter.
 fn rewrite_path(
     route: &Route,
     params: &matchit::Params<'_, '_>,
     path: &str,
-    prefix_len: Option<usize>,
+    prefix: Option<(usize, Option<(&str, &str)>)>,
 ) -> Option<String> {
     if let Some(parts) = &route.rewrite {
+        let tail = prefix.and_then(|p| p.1);
         let mut out = String::with_capacity(path.len() + 16);
         for part in parts {
             match part {
                 RewritePart::Literal(s) => out.push_str(s),
-                RewritePart::Param(p) => out.push_str(params.get(p).unwrap_or("")),
+                RewritePart::Param(p) => match tail {
+                    Some((name, value)) if name == p => out.push_str(value),
+                    _ => out.push_str(params.get(p).unwrap_or("")),
+                },
             }
         }
         return Some(out);
     }
-    match prefix_len {
-        Some(n) if route.strip_prefix => {
+    match prefix {
+        Some((n, _)) if route.strip_prefix => {
             let rest = &path[n.min(path.len())..];
             Some(if rest.starts_with('/') {
                 rest.to_string()
@@ -371,72 +393,58 @@ impl Router {
             .chain(wild.into_iter().map(|(h, t)| (format!("*{h}"), t)))
             .chain(std::iter::once(("*".to_string(), &self.any)));
         for (host, table) in tiers {
-            let mut exact: Vec<TableLeaf<'_>> = table
-                .exact
-                .patterns
-                .iter()
-                .zip(&table.exact.leaves)
-                .map(|(p, l)| (l, p.clone(), pattern_rank(p)))
-                .collect();
+            let mut exact: Vec<(&Entry, String, (u8, usize))> = Vec::new();
+            for (p, leaf) in table.exact.patterns.iter().zip(&table.exact.leaves) {
+                exact.extend(leaf.iter().map(|e| (e, p.clone(), pattern_rank(p))));
+            }
+            // Longest prefix first; at one prefix `{*rest}` and `/*` keep their match order.
+            let mut prefix: Vec<(&Entry, String, (u8, usize))> = Vec::new();
+            for (p, leaf) in table.prefix.patterns.iter().zip(&table.prefix.leaves) {
+                let base = p.trim_end_matches('/');
+                prefix.extend(leaf.iter().map(|e| {
+                    let shown = match &e.tail {
+                        Some(name) => format!("{base}/{{*{name}}}"),
+                        None => format!("{base}/*"),
+                    };
+                    (e, shown, (2, usize::MAX - p.len()))
+                }));
+            }
             exact.sort_by(|a, b| a.2.cmp(&b.2).then(a.1.cmp(&b.1)));
-            let mut prefix: Vec<TableLeaf<'_>> = table
-                .prefix
-                .patterns
-                .iter()
-                .zip(&table.prefix.leaves)
-                .map(|(p, l)| {
-                    (
-                        l,
-                        format!("{}/*", p.trim_end_matches('/')),
-                        (3, usize::MAX - p.len()),
-                    )
-                })
-                .collect();
-            prefix.sort_by(|a, b| a.2.cmp(&b.2).then(a.1.cmp(&b.1)));
-            for (leaf, pattern, rank) in exact.into_iter().chain(prefix) {
-                for r in leaf {
-                    let mut predicates: Vec<String> = r
-                        .headers
+            prefix.sort_by(|a, b| a.2.cmp(&b.2));
+            for (entry, pattern, rank) in exact.into_iter().chain(prefix) {
+                let r = &entry.route;
+                let mut predicates: Vec<String> = r
+                    .headers
+                    .iter()
+                    .map(|(n, m)| format!("header {n}{}", m.describe()))
+                    .collect();
+                predicates.extend(
+                    r.query
                         .iter()
-                        .map(|(n, m)| format!("header {n}{}", m.describe()))
-                        .collect();
-                    predicates.extend(
-                        r.query
-                            .iter()
-                            .map(|(n, m)| format!("query {n}{}", m.describe())),
-                    );
-                    rows.push(TableRow {
-                        host: host.clone(),
-                        path: pattern.clone(),
-                        route: r.name.clone(),
-                        methods: r.methods.iter().map(|m| m.to_string()).collect(),
-                        predicates,
-                        priority: r.priority,
-                        upstream: r.upstream_name.clone(),
-                        rewrite: r.rewrite_src.clone().or_else(|| {
-                            (r.strip_prefix && rank.0 == 3).then(|| "strip prefix".to_string())
-                        }),
-                    });
-                }
+                        .map(|(n, m)| format!("query {n}{}", m.describe())),
+                );
+                rows.push(TableRow {
+                    host: host.clone(),
+                    path: pattern,
+                    route: r.name.clone(),
+                    methods: r.methods.iter().map(|m| m.to_string()).collect(),
+                    predicates,
+                    priority: r.priority,
+                    upstream: r.upstream_name.clone(),
+                    rewrite: r.rewrite_src.clone().or_else(|| {
+                        (r.strip_prefix && rank.0 == 2 && entry.tail.is_none())
+                            .then(|| "strip prefix".to_string())
+                    }),
+                });
             }
         }
         rows
     }
 }
 
-/// A leaf's routes, its pattern as shown, and its rank in the table.
-type TableLeaf<'a> = (&'a Vec<Arc<Route>>, String, (u8, usize));
-
-/// Static patterns sort before parameterized ones, those before catch-alls.
+/// Static patterns sort before parameterized ones.
 fn pattern_rank(p: &str) -> (u8, usize) {
-    let kind = if p.contains("{*") {
-        2
-    } else if p.contains('{') {
-        1
-    } else {
-        0
-    };
-    (kind, usize::MAX - p.len())
+    (u8::from(p.contains('{')), usize::MAX - p.len())
 }
 
 fn normalize_host(host: &str) -> std::borrow::Cow<'_, str> {
@@ -466,30 +474,38 @@ fn insert_path(
         problems.push(ConfigProblem::new(at, "a path must start with '/'"));
         return;
     }
-    let (tree, pattern) = match path.strip_suffix("/*") {
-        Some(base) if !base.contains('*') => (
-            &mut table.prefix,
-            if base.is_empty() {
-                "/".to_string()
-            } else {
-                base.to_string()
-            },
-        ),
-        None if !path.contains('*') || path.contains("{*") => (&mut table.exact, path.to_string()),
-        _ => {
-            problems.push(ConfigProblem::new(
-                at,
-                "'*' may only end a prefix path, as in '/api/*'",
-            ));
-            return;
-        }
+    // `/base/*` and `/base/{*name}` go to the prefix tree under `base` ("/" for the root).
+    let catch_all = path
+        .rfind("/{*")
+        .filter(|&i| path.ends_with('}') && !path[i + 3..].contains('/'));
+    let (tree, pattern, tail) = if let Some(base) = path.strip_suffix("/*") {
+        (&mut table.prefix, base, None)
+    } else if let Some(i) = catch_all {
+        let name = &path[i + 3..path.len() - 1];
+        (&mut table.prefix, &path[..i], Some(name.to_string()))
+    } else {
+        (&mut table.exact, path, None)
+    };
+    if pattern.contains('*')
+        || tail
+            .as_deref()
+            .is_some_and(|t| t.is_empty() || t.contains(['{', '}', '*']))
+    {
+        problems.push(ConfigProblem::new(
+            at,
+            "'*' may only end a path, as in '/api/*' or '/files/{*rest}'",
+        ));
+        return;
+    }
+    let pattern = if pattern.is_empty() {
+        "/".to_string()
+    } else {
+        pattern.to_string()
     };
     if let Some(parts) = &route.rewrite {
         for part in parts {
             if let RewritePart::Param(name) = part {
-                if !pattern.contains(&format!("{{{name}}}"))
-                    && !pattern.contains(&format!("{{*{name}}}"))
-                {
+                if !pattern.contains(&format!("{{{name}}}")) && tail.as_deref() != Some(name) {
                     problems.push(ConfigProblem::new(
                         format!("routes[{i}].rewrite"),
                         format!("uses {{{name}}}, which path '{path}' does not define"),
@@ -499,7 +515,13 @@ fn insert_path(
             }
         }
     }
-    if let Err(e) = tree.insert(&pattern, route.clone()) {
+    if let Err(e) = tree.insert(
+        &pattern,
+        Entry {
+            route: route.clone(),
+            tail,
+        },
+    ) {
         problems.push(ConfigProblem::new(at, e));
     }
 }
@@ -731,6 +753,24 @@ mod tests {
             Some("all")
         );
         assert_eq!(name(&r, &req("GET", None, "/usersx")), None);
+    }
+
+    #[test]
+    fn named_catch_all_sits_beside_a_param_and_needs_a_rest() {
+        let r = router(serde_json::json!({"upstreams": up(), "routes": [
+            {"name": "rest", "paths": ["/u/{*rest}"], "rewrite": "/files/{rest}", "upstream": "u"},
+            {"name": "id", "paths": ["/u/{id}"], "upstream": "u"},
+            {"name": "me", "paths": ["/u/me"], "upstream": "u"},
+        ]}));
+        let h = |u: &str| hit(&r, &req("GET", None, u));
+        assert_eq!(h("/u/me").unwrap().0, "me");
+        assert_eq!(h("/u/7").unwrap().0, "id");
+        assert_eq!(
+            h("/u/7/x/y").unwrap(),
+            ("rest".to_string(), Some("/files/7/x/y".to_string()))
+        );
+        assert_eq!(h("/u/"), None);
+        assert_eq!(h("/u"), None);
     }
 
     #[test]

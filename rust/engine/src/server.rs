@@ -27,7 +27,11 @@ pub fn log_event(level: &str, event: &str, fields: serde_json::Value) {
     if let (Some(obj), serde_json::Value::Object(extra)) = (line.as_object_mut(), fields) {
         obj.extend(extra);
     }
-    eprintln!("{line}");
+    // One write per line: workers share the master's stderr, and a write of under
+    // PIPE_BUF bytes is never interleaved with another process's.
+    let mut text = line.to_string();
+    text.push('\n');
+    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), text.as_bytes());
 }
 
 fn load_engine(path: &Path, previous: Option<&Engine>) -> Result<Engine, String> {

@@ -16,7 +16,8 @@ pub struct TargetStats {
 
 pub struct Target {
     pub address: String,
-    pub authority: Authority,
+    /// `host:port`, the Host header when a route does not preserve the client's.
+    pub host_header: http::HeaderValue,
     pub weight: u32,
     pub stats: Arc<TargetStats>,
     pub pool: Arc<ConnPool>,
@@ -74,7 +75,8 @@ impl Upstream {
             match t.address.parse::<Authority>() {
                 Ok(a) if a.port_u16().is_some() => targets.push(Target {
                     address: t.address.clone(),
-                    authority: a,
+                    host_header: http::HeaderValue::from_str(a.as_str())
+                        .expect("an authority is a valid header value"),
                     weight: t.weight.max(1),
                     stats: Arc::default(),
                     pool: reuse(&t.address, &settings)
