@@ -410,7 +410,7 @@ impl Router {
                 }));
             }
             exact.sort_by(|a, b| a.2.cmp(&b.2).then(a.1.cmp(&b.1)));
-            prefix.sort_by(|a, b| a.2.cmp(&b.2));
+            prefix.sort_by_key(|a| a.2);
             for (entry, pattern, rank) in exact.into_iter().chain(prefix) {
                 let r = &entry.route;
                 let mut predicates: Vec<String> = r
