@@ -1,0 +1,7 @@
+"""``python -m ferrogate`` is the ``ferrogate`` command."""
+
+import sys
+
+from ferrogate.cli import main
+
+sys.exit(main())

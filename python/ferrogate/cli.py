@@ -1,0 +1,237 @@
+"""The ``ferrogate`` command: run, check, routes, schema, reload."""
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from importlib.resources import as_file, files
+from pathlib import Path
+from typing import Any
+
+# How long `ferrogate reload` waits for the master to report the outcome.
+_RELOAD_TIMEOUT = 15.0
+
+
+@contextlib.contextmanager
+def _config_file(path: str | None) -> Iterator[str]:
+    """The given config, or the bundled quickstart (as a real file for as long as needed)."""
+    if path is not None:
+        yield path
+        return
+    with as_file(files("ferrogate") / "quickstart.yaml") as bundled:
+        yield str(bundled)
+
+
+def _print_problems(error: Exception, stream: Any = None) -> None:
+    from ferrogate.config import ConfigError
+
+    assert isinstance(error, ConfigError)
+    for problem in error.problems:
+        print(problem, file=stream or sys.stdout)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ferrogate.master import run
+
+    with _config_file(args.config) as path:
+        return run(path, args.workers, args.pid_file)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from ferrogate.config import ConfigError, load_config
+
+    status = 0
+    for path in args.files:
+        try:
+            load_config(path)
+        except ConfigError as e:
+            _print_problems(e)
+            count = len(e.problems)
+            print(f"{path}: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
+            status = 2
+        else:
+            print(f"{path}: ok")
+    return status
+
+
+def _format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *rows]
+    ]
+    return "\n".join(lines)
+
+
+def _cmd_routes(args: argparse.Namespace) -> int:
+    from ferrogate import _core
+    from ferrogate.config import ConfigError, load_config
+
+    with _config_file(args.config) as path:
+        try:
+            loaded = load_config(path)
+        except ConfigError as e:
+            _print_problems(e, sys.stderr)
+            return 2
+    rows = []
+    for row in _core.route_table(loaded.json):
+        methods = row["methods"]
+        predicates = row["predicates"]
+        assert isinstance(methods, list) and isinstance(predicates, list)
+        rows.append(
+            [
+                str(row["host"]),
+                str(row["path"]),
+                ",".join(map(str, methods)) or "*",
+                " & ".join(map(str, predicates)) or "-",
+                str(row["priority"]),
+                str(row["route"]),
+                str(row["upstream"]),
+                "-" if row["rewrite"] is None else str(row["rewrite"]),
+            ]
+        )
+    header = ["HOST", "PATH", "METHODS", "PREDICATES", "PRIORITY", "ROUTE", "UPSTREAM", "REWRITE"]
+    print(_format_table(header, rows))
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from ferrogate.config import config_schema
+
+    print(json.dumps(config_schema(), indent=2))
+    return 0
+
+
+def _pid_file_of_config(path: str) -> Path:
+    """The pid file a master of ``path`` uses, even if the file is now broken.
+
+    Only ``pid_file`` is read here: the master validates the file itself when it reloads,
+    with its own environment, and ``reload`` reports what it found.
+    """
+    from ferrogate.problems import ConfigError
+    from ferrogate.runtime_files import resolve_pid_file
+    from ferrogate.yaml_source import parse_source
+
+    configured = None
+    with contextlib.suppress(OSError, UnicodeDecodeError, ConfigError):
+        data = parse_source(Path(path).read_text(encoding="utf-8"), path).data
+        if isinstance(data, dict) and isinstance(data.get("pid_file"), str):
+            configured = data["pid_file"] or None
+    return resolve_pid_file(path, configured)
+
+
+def _read_status(path: Path) -> dict[str, Any] | None:
+    try:
+        status = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return status if isinstance(status, dict) else None
+
+
+def _cmd_reload(args: argparse.Namespace) -> int:
+    from ferrogate.runtime_files import read_pid, status_file
+
+    if args.pid_file is not None:
+        pid_file = Path(os.path.abspath(args.pid_file))
+    else:
+        with _config_file(args.config) as path:
+            pid_file = _pid_file_of_config(path)
+    pid = read_pid(pid_file)
+    if pid is None:
+        why = "is stale" if pid_file.exists() else "does not exist"
+        print(f"ferrogate: no master is running (pid file {pid_file} {why})", file=sys.stderr)
+        return 1
+    status_path = status_file(pid_file)
+    before = _read_status(status_path)
+    os.kill(pid, signal.SIGHUP)
+    if before is None or before.get("pid") != pid:
+        print(f"sent SIGHUP to the master (pid {pid}); see its log for the outcome")
+        return 0
+    deadline = time.monotonic() + _RELOAD_TIMEOUT
+    while time.monotonic() < deadline:
+        after = _read_status(status_path)
+        if after is not None and after.get("reloads", 0) > before.get("reloads", 0):
+            if after.get("ok"):
+                print(f"reloaded: the master (pid {pid}) applied {after.get('config')}")
+                return 0
+            for problem in after.get("problems", []):
+                print(problem)
+            print(
+                "reload refused: the master keeps serving the previous config",
+                file=sys.stderr,
+            )
+            return 2
+        time.sleep(0.05)
+    print(
+        f"ferrogate: sent SIGHUP to the master (pid {pid}) but it did not report back within "
+        f"{_RELOAD_TIMEOUT:.0f}s",
+        file=sys.stderr,
+    )
+    return 1
+
+
+# --- argument parsing -----------------------------------------------------------------------
+
+
+def _version_text() -> str:
+    from ferrogate import __version__
+
+    return f"ferrogate {__version__}"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ferrogate",
+        description="An API gateway: a Rust data plane run and configured from Python.",
+    )
+    parser.add_argument("--version", action="version", version=_version_text())
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the gateway (the quickstart without -c)")
+    run.add_argument("-c", "--config", metavar="FILE", help="config file (YAML or JSON)")
+    run.add_argument(
+        "--workers", type=_positive_int, metavar="N", help="worker processes (overrides config)"
+    )
+    run.add_argument("--pid-file", metavar="P", help="pid file (overrides config and default)")
+    run.set_defaults(handler=_cmd_run)
+
+    check = commands.add_parser("check", help="validate config files, printing every problem")
+    check.add_argument("files", nargs="+", metavar="FILE")
+    check.set_defaults(handler=_cmd_check)
+
+    routes = commands.add_parser("routes", help="print the compiled route table")
+    routes.add_argument("-c", "--config", metavar="FILE", help="config file (default: quickstart)")
+    routes.set_defaults(handler=_cmd_routes)
+
+    schema = commands.add_parser("schema", help="print the JSON Schema of the config file")
+    schema.set_defaults(handler=_cmd_schema)
+
+    reload = commands.add_parser("reload", help="make a running master reload its config")
+    which = reload.add_mutually_exclusive_group()
+    which.add_argument("-c", "--config", metavar="FILE", help="the config the master runs")
+    which.add_argument("--pid-file", metavar="P", help="the master's pid file")
+    reload.set_defaults(handler=_cmd_reload)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    status: int = args.handler(args)
+    return status

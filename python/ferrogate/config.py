@@ -1,0 +1,679 @@
+"""The gateway config: the user-facing schema, loading with located problems, normalization.
+
+``load_config`` reports every problem of a file at once, each with its line and column:
+syntax, unknown keys, missing fields and wrong types (``structcheck``), cross-field rules
+(this module), and finally whatever the data plane's own compiler (``_core.check_config``)
+rejects. What it returns carries the *normalized* JSON the Rust workers read.
+"""
+
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from ferrogate.addresses import join_host_port, looks_like_url, parse_upstream_url, split_host_port
+from ferrogate.problems import ConfigError, DataPath, Problem, format_path
+from ferrogate.runtime_files import resolve_pid_file
+from ferrogate.structcheck import check_struct, did_you_mean, salvage
+from ferrogate.units import DURATION_PATTERN, SIZE_PATTERN, parse_duration, parse_size
+from ferrogate.yaml_source import parse_source
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Echo",
+    "Limits",
+    "LoadedConfig",
+    "Predicate",
+    "Problem",
+    "Route",
+    "Target",
+    "Timeouts",
+    "Upstream",
+    "UpstreamTimeouts",
+    "config_schema",
+    "load_config",
+    "load_config_text",
+    "normalize",
+    "normalized_json",
+]
+
+Duration = Annotated[
+    Annotated[float, Meta(ge=0)]
+    | Annotated[str, Meta(extra_json_schema={"pattern": DURATION_PATTERN})],
+    Meta(description="Seconds as a number, or a string with a unit: 250ms, 5s, 2m, 1h."),
+]
+Size = Annotated[
+    Annotated[int, Meta(ge=0)] | Annotated[str, Meta(extra_json_schema={"pattern": SIZE_PATTERN})],
+    Meta(description="Bytes as a number, or a string with a unit: 512KB, 16KiB, 10MiB, 1GiB."),
+]
+Address = Annotated[str, Meta(description="host:port; IPv6 hosts in brackets: [::1]:8080.")]
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+HASH_ON_PATTERN = r"^(ip|header:.+|cookie:.+)$"
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+GENERATED_UPSTREAM_PREFIX = "route:"
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    pass
+
+
+class Limits(_Section, kw_only=True, frozen=True):
+    """Request size limits."""
+
+    max_header_bytes: Annotated[
+        Size, Meta(description="Request line plus headers above this get 431 headers_too_large.")
+    ] = 16 * 1024
+    max_body_bytes: Annotated[
+        Size, Meta(description="Request bodies above this get 413 body_too_large; 0 = unlimited.")
+    ] = 0
+
+
+class Timeouts(_Section, kw_only=True, frozen=True):
+    """Timeouts; `connect` and `read` are the defaults of upstreams that do not set them."""
+
+    connect: Annotated[
+        Duration, Meta(description="TCP connect to a target; failure gives 502.")
+    ] = 5.0
+    read: Annotated[
+        Duration, Meta(description="Waiting for an upstream's response headers; expiry gives 504.")
+    ] = 60.0
+    client_idle: Annotated[
+        Duration, Meta(description="Idle keep-alive client connections are closed after this.")
+    ] = 60.0
+
+
+class UpstreamTimeouts(_Section, kw_only=True, frozen=True):
+    """Per-upstream timeouts; an absent one falls back to the global `timeouts`."""
+
+    connect: Annotated[Duration | None, Meta(description="TCP connect to a target.")] = None
+    read: Annotated[Duration | None, Meta(description="Waiting for the response headers.")] = None
+
+
+class Echo(_Section, kw_only=True, frozen=True):
+    """The built-in echo upstream the master starts (handy for trying routes)."""
+
+    listen: Annotated[Address, Meta(description="Where the echo upstream listens.")]
+
+
+class Target(_Section, kw_only=True, frozen=True):
+    """One upstream target with a weight."""
+
+    address: Annotated[Address, Meta(description="host:port of the target.")]
+    weight: Annotated[
+        int, Meta(ge=1, description="Relative share of requests (weighted round robin).")
+    ] = 1
+
+
+class Upstream(_Section, kw_only=True, frozen=True):
+    """A named group of targets that routes forward to."""
+
+    targets: Annotated[
+        list[Address | Target],
+        Meta(description='Targets: "host:port" or {address, weight}.'),
+    ]
+    balance: Annotated[
+        Literal["round_robin", "least_conn", "hash"],
+        Meta(description="round_robin (weighted, smooth) | least_conn | hash."),
+    ] = "round_robin"
+    hash_on: Annotated[
+        Annotated[str, Meta(extra_json_schema={"pattern": HASH_ON_PATTERN})] | None,
+        Meta(description='Only with balance: hash: "ip" | "header:NAME" | "cookie:NAME".'),
+    ] = None
+    keepalive: Annotated[
+        int, Meta(ge=0, description="Idle pooled connections kept per target.")
+    ] = 1024
+    keepalive_timeout: Annotated[
+        Duration, Meta(description="Idle pooled connections are closed after this.")
+    ] = 60.0
+    timeouts: Annotated[
+        UpstreamTimeouts | None, Meta(description="Overrides the global timeouts.")
+    ] = None
+
+
+class Predicate(_Section, kw_only=True, frozen=True):
+    """A header or query parameter that must match: give exactly one of `value` or `regex`."""
+
+    name: Annotated[str, Meta(description="Header name (case-insensitive) or query parameter.")]
+    value: Annotated[str | None, Meta(description="Exact value.")] = None
+    regex: Annotated[
+        str | None, Meta(description="Regular expression (Rust regex syntax, unanchored).")
+    ] = None
+
+
+class Route(_Section, kw_only=True, frozen=True):
+    """Requests matching every given condition are forwarded to `upstream`."""
+
+    name: Annotated[str | None, Meta(description='Unique name; defaults to "route-<index>".')] = (
+        None
+    )
+    paths: Annotated[
+        list[str],
+        Meta(
+            description="Radix-tree patterns: /a/{param} (one segment), /a/{*rest} "
+            "(the rest, at least one character), /a/* (/a, /a/ and everything below)."
+        ),
+    ]
+    hosts: Annotated[
+        list[str],
+        Meta(
+            description='Exact ("api.example.com") or leading-wildcard ("*.example.com"); '
+            "empty = any host."
+        ),
+    ] = []
+    methods: Annotated[list[str], Meta(description="HTTP methods; empty = any method.")] = []
+    headers: Annotated[list[Predicate], Meta(description="Headers that must all match.")] = []
+    query: Annotated[
+        list[Predicate], Meta(description="Decoded query parameters that must all match.")
+    ] = []
+    upstream: Annotated[
+        str,
+        Meta(description="An upstream name, or a URL: http://127.0.0.1:9000[/base/path]."),
+    ]
+    strip_prefix: Annotated[
+        bool, Meta(description='With a "/x/*" path: remove "/x" before forwarding.')
+    ] = False
+    rewrite: Annotated[
+        str | None,
+        Meta(
+            description='Path template sent upstream, e.g. "/v2/users/{id}"; '
+            "{name} are path parameters."
+        ),
+    ] = None
+    preserve_host: Annotated[
+        bool,
+        Meta(description="Pass the client's Host; false: Host is the target's host:port."),
+    ] = True
+    priority: Annotated[
+        int, Meta(description="Higher wins among routes on the same path pattern.")
+    ] = 0
+
+
+class Config(_Section, kw_only=True, frozen=True):
+    """A ferrogate gateway configuration."""
+
+    listen: Annotated[
+        list[Address],
+        Meta(description="Addresses the proxy listens on (HTTP/1.1 and h2c on each)."),
+    ]
+    workers: Annotated[
+        Annotated[int, Meta(ge=1)] | Literal["auto"],
+        Meta(description="Worker processes; auto = number of CPUs. `run --workers N` overrides."),
+    ] = "auto"
+    grace_period: Annotated[
+        Duration, Meta(description="On SIGTERM, in-flight requests get this long to finish.")
+    ] = 30.0
+    pid_file: Annotated[
+        str | None,
+        Meta(
+            description="Default: <tmp>/ferrogate-<uid>/<hash of the config path>.pid; "
+            "a relative path is relative to the config file."
+        ),
+    ] = None
+    limits: Annotated[Limits, Meta(description="Request size limits.")] = msgspec.field(
+        default_factory=Limits
+    )
+    timeouts: Annotated[Timeouts, Meta(description="Defaults for every upstream.")] = msgspec.field(
+        default_factory=Timeouts
+    )
+    echo: Annotated[
+        Echo | None, Meta(description="Optional built-in echo upstream started by the master.")
+    ] = None
+    upstreams: Annotated[
+        dict[str, Upstream], Meta(description="Named upstreams, referenced by routes.")
+    ] = {}
+    routes: Annotated[list[Route], Meta(description="The routing table.")]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedConfig:
+    """A validated config file together with its normalized form."""
+
+    path: str
+    """The file as the caller named it (problems are reported against this name)."""
+    config: Config
+    normalized: dict[str, Any]
+    """What the Rust data plane reads: see ``normalize``."""
+    json: str
+    """``normalized`` serialized."""
+    pid_file: Path
+    """Where the master of this config keeps its pid (see ``runtime_files``)."""
+
+
+# --- normalization ------------------------------------------------------------------------
+
+
+class _Normalizer:
+    """Turns checked Structs into the normalized dict, reporting cross-field problems."""
+
+    def __init__(self, report: Callable[[DataPath, str], None]) -> None:
+        self.report = report
+        # generated upstream name -> index of the route whose URL created it
+        self.generated: dict[str, int] = {}
+
+    def duration(self, value: float | str, path: DataPath) -> float:
+        try:
+            return parse_duration(value)
+        except ValueError as e:
+            self.report(path, str(e))
+            return 0.0
+
+    def size(self, value: int | str, path: DataPath) -> int:
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            self.report(path, str(e))
+            return 0
+
+    def address(self, value: str, path: DataPath, *, listen: bool = False) -> str:
+        try:
+            host, port = split_host_port(value, allow_port_zero=listen)
+        except ValueError as e:
+            self.report(path, str(e))
+            return value
+        return join_host_port(host, port)
+
+    def config(self, cfg: Config) -> dict[str, Any]:
+        listen = [self.address(a, ("listen", i), listen=True) for i, a in enumerate(cfg.listen)]
+        self.duplicates(listen, "listen", "listen address")
+        if not cfg.listen:
+            self.report(("listen",), "at least one listen address is needed")
+        timeouts = {
+            name: self.duration(getattr(cfg.timeouts, name), ("timeouts", name))
+            for name in ("connect", "read", "client_idle")
+        }
+        echo = None
+        if cfg.echo is not None:
+            echo = {"listen": self.address(cfg.echo.listen, ("echo", "listen"), listen=True)}
+            if echo["listen"] in listen:
+                self.report(("echo", "listen"), "the echo upstream needs its own address")
+        out_upstreams: dict[str, Any] = {}
+        for name, upstream in cfg.upstreams.items():
+            if name.startswith(GENERATED_UPSTREAM_PREFIX):
+                self.report(
+                    ("upstreams", name),
+                    f"names starting with '{GENERATED_UPSTREAM_PREFIX}' are reserved for "
+                    "upstreams made from route URLs",
+                )
+            out_upstreams[name] = self.upstream(name, upstream, timeouts)
+        out_routes: list[dict[str, Any]] = []
+        names: dict[str, int] = {}
+        for i, route in enumerate(cfg.routes):
+            out_routes.append(self.route(i, route, names, cfg.upstreams, out_upstreams, timeouts))
+        if not cfg.routes:
+            self.report(("routes",), "at least one route is needed")
+        return {
+            "listen": listen,
+            "workers": cfg.workers if isinstance(cfg.workers, int) else os.cpu_count() or 1,
+            "grace_period": self.duration(cfg.grace_period, ("grace_period",)),
+            "pid_file": cfg.pid_file,
+            "limits": {
+                "max_header_bytes": self.size(
+                    cfg.limits.max_header_bytes, ("limits", "max_header_bytes")
+                ),
+                "max_body_bytes": self.size(
+                    cfg.limits.max_body_bytes, ("limits", "max_body_bytes")
+                ),
+            },
+            "timeouts": timeouts,
+            "echo": echo,
+            "upstreams": out_upstreams,
+            "routes": out_routes,
+        }
+
+    def duplicates(self, values: list[str], field: str, what: str) -> None:
+        first: dict[str, int] = {}
+        for i, value in enumerate(values):
+            if value in first:
+                self.report((field, i), f"duplicate {what} (also {field}[{first[value]}])")
+            else:
+                first[value] = i
+
+    def upstream(
+        self, name: str, upstream: Upstream, defaults: Mapping[str, float]
+    ) -> dict[str, Any]:
+        at: DataPath = ("upstreams", name)
+        targets = []
+        for j, target in enumerate(upstream.targets):
+            if isinstance(target, str):
+                address = self.address(target, (*at, "targets", j))
+                weight = 1
+            else:
+                address = self.address(target.address, (*at, "targets", j, "address"))
+                weight = target.weight
+            targets.append({"address": address, "weight": weight})
+        if not upstream.targets:
+            self.report((*at, "targets"), "an upstream needs at least one target")
+        timeouts = dict(defaults)
+        if upstream.timeouts is not None:
+            for key in ("connect", "read"):
+                value = getattr(upstream.timeouts, key)
+                if value is not None:
+                    timeouts[key] = self.duration(value, (*at, "timeouts", key))
+        return {
+            "targets": targets,
+            "balance": upstream.balance,
+            "hash_on": self.hash_on(upstream, at),
+            "keepalive": upstream.keepalive,
+            "keepalive_timeout": self.duration(
+                upstream.keepalive_timeout, (*at, "keepalive_timeout")
+            ),
+            "timeouts": {"connect": timeouts["connect"], "read": timeouts["read"]},
+            "path_prefix": "",
+        }
+
+    def hash_on(self, upstream: Upstream, at: DataPath) -> dict[str, str | None] | None:
+        text = upstream.hash_on
+        if upstream.balance != "hash":
+            if text is not None:
+                self.report(
+                    (*at, "hash_on"),
+                    f"hash_on is only used with 'balance: hash' (balance is {upstream.balance})",
+                )
+            return None
+        if text is None:
+            self.report(
+                (*at, "hash_on"),
+                'balance: hash needs hash_on: "ip", "header:NAME" or "cookie:NAME"',
+            )
+            return None
+        source, sep, name = text.partition(":")
+        if source == "ip" and not sep:
+            return {"source": "ip", "name": None}
+        if source in ("header", "cookie") and sep and _TOKEN.fullmatch(name):
+            return {"source": source, "name": name}
+        self.report(
+            (*at, "hash_on"),
+            f'invalid hash_on {text!r}: expected "ip", "header:NAME" or "cookie:NAME"',
+        )
+        return None
+
+    def predicate(self, predicate: Predicate, at: DataPath, *, header: bool) -> dict[str, Any]:
+        if header and not _TOKEN.fullmatch(predicate.name):
+            self.report((*at, "name"), f"invalid header name {predicate.name!r}")
+        elif not predicate.name:
+            self.report((*at, "name"), "the name cannot be empty")
+        if (predicate.value is None) == (predicate.regex is None):
+            self.report(at, "give exactly one of 'value' or 'regex'")
+        return {"name": predicate.name, "value": predicate.value, "regex": predicate.regex}
+
+    def route(
+        self,
+        i: int,
+        route: Route,
+        names: dict[str, int],
+        upstreams: Mapping[str, Upstream],
+        out_upstreams: dict[str, Any],
+        timeouts: Mapping[str, float],
+    ) -> dict[str, Any]:
+        at: DataPath = ("routes", i)
+        name = f"route-{i}" if route.name is None else route.name
+        if not name:
+            self.report((*at, "name"), "a route name cannot be empty")
+        elif name in names:
+            self.report(
+                (*at, "name") if route.name is not None else at,
+                f"duplicate route name '{name}' (also routes[{names[name]}])",
+            )
+        else:
+            names[name] = i
+        upstream = route.upstream
+        if looks_like_url(upstream):
+            upstream = self.url_upstream(i, name, route.upstream, out_upstreams, timeouts)
+        elif upstream not in upstreams:
+            hint = did_you_mean(upstream, upstreams)
+            if not upstreams:
+                hint = " (define it under 'upstreams:' or use a URL like http://127.0.0.1:9000)"
+            self.report((*at, "upstream"), f"unknown upstream '{upstream}'{hint}")
+        methods = []
+        for j, method in enumerate(route.methods):
+            upper = method.upper()
+            if upper not in HTTP_METHODS:
+                hint = did_you_mean(upper, HTTP_METHODS)
+                self.report((*at, "methods", j), f"unknown HTTP method '{method}'{hint}")
+            methods.append(upper)
+        if not route.paths:
+            self.report((*at, "paths"), "a route needs at least one path")
+        return {
+            "name": name,
+            "paths": list(route.paths),
+            "hosts": [h.lower() for h in route.hosts],
+            "methods": methods,
+            "headers": [
+                self.predicate(p, (*at, "headers", j), header=True)
+                for j, p in enumerate(route.headers)
+            ],
+            "query": [
+                self.predicate(p, (*at, "query", j), header=False)
+                for j, p in enumerate(route.query)
+            ],
+            "upstream": upstream,
+            "strip_prefix": route.strip_prefix,
+            "rewrite": route.rewrite,
+            "preserve_host": route.preserve_host,
+            "priority": route.priority,
+        }
+
+    def url_upstream(
+        self,
+        i: int,
+        name: str,
+        url: str,
+        out_upstreams: dict[str, Any],
+        timeouts: Mapping[str, float],
+    ) -> str:
+        generated = f"{GENERATED_UPSTREAM_PREFIX}{name}"
+        try:
+            address, path_prefix = parse_upstream_url(url)
+        except ValueError as e:
+            self.report(("routes", i, "upstream"), str(e))
+            return generated
+        self.generated[generated] = i
+        out_upstreams[generated] = {
+            "targets": [{"address": address, "weight": 1}],
+            "balance": "round_robin",
+            "hash_on": None,
+            "keepalive": 1024,
+            "keepalive_timeout": 60.0,
+            "timeouts": {"connect": timeouts["connect"], "read": timeouts["read"]},
+            "path_prefix": path_prefix,
+        }
+        return generated
+
+
+def _raise_on_problem(path: DataPath, message: str) -> None:
+    raise ValueError(f"{format_path(path)}: {message}")
+
+
+def normalize(cfg: Config) -> dict[str, Any]:
+    """The normalized config the Rust side reads.
+
+    Same field names as the user-facing config, but: durations are float seconds, sizes
+    int bytes, ``workers`` an int, targets ``{"address", "weight"}``, ``hash_on`` null or
+    ``{"source", "name"}``, every upstream has resolved ``timeouts`` and a ``path_prefix``,
+    a route whose upstream is a URL points at a generated upstream ``route:<route name>``,
+    route names are filled in, methods upper-cased, predicates ``{"name", "value", "regex"}``.
+    Raises ValueError if ``cfg`` breaks a rule that ``load_config`` would report.
+    """
+    return _Normalizer(_raise_on_problem).config(cfg)
+
+
+def normalized_json(cfg: Config) -> str:
+    return json.dumps(normalize(cfg), separators=(",", ":"))
+
+
+# --- loading ------------------------------------------------------------------------------
+
+
+def _under(path: DataPath, bad: list[DataPath]) -> bool:
+    """True if ``path`` is at, below or above a place that already has a problem."""
+    return any(p[: len(path)] == path or path[: len(p)] == p for p in bad)
+
+
+def _ends_segment(text: str, pos: int) -> bool:
+    return pos == len(text) or text[pos] in ".["
+
+
+def _parse_core_path(text: str, data: Any) -> DataPath:
+    """Split a data plane path such as ``upstreams.route:a.b.targets[0]`` into segments.
+
+    Key names may contain dots, so a dotted name is matched against the keys that exist.
+    """
+    segments: list[str | int] = []
+    pos = 0
+    if text.startswith("$"):
+        pos = 1
+    node = data
+    while pos < len(text):
+        segment: str | int
+        if text[pos] == "[":
+            end = text.find("]", pos)
+            inner = text[pos + 1 : end if end != -1 else len(text)]
+            if inner.startswith('"'):
+                segment, consumed = json.JSONDecoder().raw_decode(text, pos + 1)
+                pos = consumed + 1
+            else:
+                segment = int(inner) if inner.isdigit() else inner
+                pos = end + 1 if end != -1 else len(text)
+        else:
+            if text[pos] == ".":
+                pos += 1
+            keys = node.keys() if isinstance(node, dict) else ()
+            fits = [
+                k for k in keys if text.startswith(k, pos) and _ends_segment(text, pos + len(k))
+            ]
+            if fits:
+                name = max(fits, key=len)
+            else:
+                match = re.compile(r"[^.\[]*").match(text, pos)
+                assert match is not None
+                name = match.group(0)
+            pos += len(name)
+            segment = name
+        segments.append(segment)
+        if isinstance(node, dict) and isinstance(segment, str):
+            node = node.get(segment)
+        elif isinstance(node, list) and isinstance(segment, int) and segment < len(node):
+            node = node[segment]
+        else:
+            node = None
+    return tuple(segments)
+
+
+def _core_problems(
+    normalized: dict[str, Any], text: str, generated: Mapping[str, int]
+) -> list[tuple[DataPath, str]]:
+    """What the data plane's compiler says about ``text``, as paths into the user's file."""
+    # Imported here so that loading and schema generation work in tools without the
+    # compiled module; only this check needs the data plane.
+    from ferrogate import _core
+
+    problems = []
+    for path_text, message in _core.check_config(text):
+        path = _parse_core_path(path_text, normalized)
+        if len(path) >= 2 and path[0] == "upstreams" and path[1] in generated:
+            # The user never wrote this upstream: point at the URL it came from.
+            path = ("routes", generated[str(path[1])], "upstream")
+        problems.append((path, message))
+    return problems
+
+
+def load_config_text(
+    text: str,
+    file: str = "<config>",
+    *,
+    base_dir: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> LoadedConfig:
+    """Like ``load_config`` for text already read; ``file`` names it in problems.
+
+    ``base_dir`` (default: the working directory) is where ``file`` lives, which places
+    the default pid file and a relative ``pid_file``.
+    """
+    doc = parse_source(text, file, env=env)
+    problems = list(doc.problems)
+    # Every place with a problem: later stages keep quiet at, above and below these.
+    reported: list[DataPath] = list(doc.problem_paths)
+
+    def report(path: DataPath, message: str, at_key: bool = False) -> None:
+        if not doc.is_tainted(path):
+            reported.append(path)
+            problems.append(doc.problem(path, message, key=at_key))
+
+    data = doc.data
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else f"a {type(data).__name__}"
+        report((), f"a config must be a mapping of settings (listen, routes, ...), got {got}")
+        raise ConfigError(problems)
+    # Structure and types first. Then the cross-field checks, and the data plane's own, run
+    # on a copy where every broken part is replaced by a harmless stand-in, and stay quiet
+    # about those parts: one typo must not hide the problems elsewhere.
+    bad: list[DataPath] = []
+
+    def structural(path: DataPath, message: str, at_key: bool) -> None:
+        bad.append(path)
+        report(path, message, at_key)
+
+    check_struct(data, Config, (), structural)
+
+    def semantic(path: DataPath, message: str) -> None:
+        if not _under(path, bad):
+            report(path, message)
+
+    def touched(path: DataPath) -> bool:
+        return any(p[: len(path)] == path for p in bad)
+
+    try:
+        partial = msgspec.convert(salvage(data, Config, (), touched), Config)
+    except msgspec.ValidationError:
+        raise ConfigError(problems) from None
+    normalizer = _Normalizer(semantic)
+    normalized = normalizer.config(partial)
+    text_json = json.dumps(normalized, separators=(",", ":"))
+    for path, message in _core_problems(normalized, text_json, normalizer.generated):
+        if not problems:
+            problems.append(doc.problem(path, message))
+        elif path and not _under(path, reported) and not doc.is_tainted(path):
+            # Alongside other problems, a root-level complaint is likely about a stand-in.
+            problems.append(doc.problem(path, message))
+    if problems:
+        raise ConfigError(problems)
+    cfg = msgspec.convert(data, Config)
+    where = Path(base_dir) if base_dir is not None else Path.cwd()
+    pid_file = resolve_pid_file(where / file, cfg.pid_file)
+    return LoadedConfig(file, cfg, normalized, text_json, pid_file)
+
+
+def load_config(
+    path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None
+) -> LoadedConfig:
+    """Read, check and normalize a config file; raises ConfigError with every problem."""
+    file = os.fspath(path)
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError([Problem(file, 1, 1, "$", f"cannot read the file: {reason}")]) from None
+    return load_config_text(text, file, env=env)
+
+
+def config_schema() -> dict[str, Any]:
+    """JSON Schema of the config file, for editors and `ferrogate schema`."""
+    schema = msgspec.json.schema(Config)
+    defs = schema["$defs"]
+    # The root object is inlined (rather than a bare $ref) so tools that only look at the
+    # top-level "properties" see the settings.
+    root = {k: v for k, v in defs.pop(Config.__name__).items() if k != "title"}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "ferrogate configuration",
+        **root,
+        "$defs": defs,
+    }

@@ -1,0 +1,46 @@
+"""``python -m ferrogate.worker``: one data plane worker process, started by the master."""
+
+import argparse
+import signal
+import sys
+import traceback
+
+
+def _fd_list(text: str) -> list[int]:
+    try:
+        fds = [int(part) for part in text.split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fds, got {text!r}") from None
+    if not fds:
+        raise argparse.ArgumentTypeError("at least one fd is needed")
+    return fds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ferrogate.worker",
+        description="A gateway worker (started by `ferrogate run`, not by hand).",
+    )
+    parser.add_argument("--config", required=True, help="normalized JSON config file")
+    parser.add_argument("--worker-id", type=int, required=True)
+    parser.add_argument("--fds", type=_fd_list, required=True, help="listening socket fds: 3,4")
+    args = parser.parse_args(argv)
+    # Ctrl-C reaches the whole process group; the master turns it into an orderly SIGTERM.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The master starts us with SIGHUP blocked, since by default a reload SIGHUP would kill
+    # a worker that is still starting. Ignored from here until the data plane installs its
+    # handler; a reload in that gap is missed, so the master repeats SIGHUP to young workers.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+    from ferrogate import _core
+
+    try:
+        _core.serve(args.fds, args.config, args.worker_id)
+    except Exception:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
