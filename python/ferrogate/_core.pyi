@@ -5,7 +5,7 @@ upstreams only (route URLs already turned into upstreams), durations as float se
 sizes as integer bytes, hash_on as an object.
 """
 
-__all__: list[str]
+__all__ = ["__version__", "check_config", "route_table", "serve", "serve_echo"]
 __version__: str
 
 def check_config(config_json: str) -> list[tuple[str, str]]:

@@ -10,6 +10,7 @@ pub mod echo;
 pub mod engine;
 pub mod error;
 pub mod filters;
+pub mod framing;
 pub mod headers;
 pub mod phase;
 pub mod pool;

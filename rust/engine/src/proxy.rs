@@ -6,6 +6,7 @@ use crate::config::HashSource;
 use crate::engine::Engine;
 use crate::error::{ErrorKind, GatewayError};
 use crate::filters::via_value;
+use crate::framing::Ambiguity;
 use crate::headers::{new_request_id, strip_hop_by_hop, X_REQUEST_ID};
 use crate::phase::RequestCtx;
 use crate::pool::{Lease, SendError};
@@ -56,6 +57,7 @@ pub async fn handle(
     req: Request<Incoming>,
     client: SocketAddr,
     client_ip: HeaderValue,
+    ambiguity: Option<Ambiguity>,
 ) -> Response<ProxyBody> {
     let engine = worker.engine.load_full();
     let request_id = match req.headers().get(&X_REQUEST_ID) {
@@ -71,7 +73,7 @@ pub async fn handle(
         host: None,
         scheme: "http",
     };
-    match forward(&engine, &mut ctx, req).await {
+    match forward(&engine, &mut ctx, req, ambiguity).await {
         Ok(resp) => resp,
         Err(e) => {
             let mut resp = e.into_response(&ctx.request_id, |b| ResponseBody::full(Bytes::from(b)));
@@ -85,7 +87,11 @@ async fn forward(
     engine: &Engine,
     ctx: &mut RequestCtx,
     req: Request<Incoming>,
+    ambiguity: Option<Ambiguity>,
 ) -> Result<Response<ProxyBody>, GatewayError> {
+    if let Some(a) = ambiguity {
+        return Err(GatewayError::new(ErrorKind::BadRequest, a.message()));
+    }
     check_framing(req.headers())?;
     let (mut parts, body) = req.into_parts();
 
@@ -190,6 +196,7 @@ async fn forward(
 }
 
 /// Ambiguous framing is the raw material of request smuggling: refuse it, never forward.
+/// On HTTP/1.1 hyper has already folded some cases away; `framing.rs` catches those.
 fn check_framing(headers: &HeaderMap) -> Result<(), GatewayError> {
     let bad = |m: &str| Err(GatewayError::new(ErrorKind::BadRequest, m));
     let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();

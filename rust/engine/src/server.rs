@@ -4,6 +4,7 @@
 use crate::config::GatewayConfig;
 use crate::engine::Engine;
 use crate::filters::client_ip_value;
+use crate::framing::{FramingGuard, FramingRecord};
 use crate::proxy::{self, Worker};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -146,16 +147,20 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
+        let max_head = worker.engine.load().limits.max_header_bytes.max(8192);
+        let record = FramingRecord::new();
+        let io = TokioIo::new(FramingGuard::new(stream, max_head, record.clone()));
         let worker = worker.clone();
         let client_ip = client_ip_value(&peer);
         let svc = service_fn(move |req| {
             let worker = worker.clone();
             let client_ip = client_ip.clone();
-            async move { Ok::<_, Infallible>(proxy::handle(&worker, req, peer, client_ip).await) }
+            let ambiguity = record.next_request();
+            async move {
+                Ok::<_, Infallible>(proxy::handle(&worker, req, peer, client_ip, ambiguity).await)
+            }
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), svc)
-            .into_owned();
+        let conn = builder.serve_connection(io, svc).into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = conn.await;

@@ -1,0 +1,404 @@
+//! Request-smuggling guard for HTTP/1.1 connections.
+//!
+//! hyper resolves ambiguous framing the lenient way RFC 9112 permits: with both
+//! Content-Length and Transfer-Encoding it drops Content-Length, and it folds duplicate
+//! identical Content-Length headers into one, before our service sees the request. A
+//! gateway must refuse such requests instead (an upstream or another hop may frame them
+//! differently). So this wrapper reads the same bytes hyper reads, finds each request head
+//! with httparse, follows the body framing to the next head, and records which request
+//! (by its position on the connection) was ambiguous. The service checks that record.
+//!
+//! After the first ambiguous head, or anything it cannot follow (which hyper will refuse
+//! on its own), the guard stops: the connection is closed after that request anyway.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Why a request's framing is ambiguous.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ambiguity {
+    ContentLengthAndTransferEncoding = 1,
+    DuplicateContentLength = 2,
+}
+
+impl Ambiguity {
+    pub fn message(self) -> &'static str {
+        match self {
+            Ambiguity::ContentLengthAndTransferEncoding => {
+                "both Content-Length and Transfer-Encoding are present"
+            }
+            Ambiguity::DuplicateContentLength => "more than one Content-Length header",
+        }
+    }
+}
+
+/// What the guard found, shared with the connection's service.
+#[derive(Debug, Default)]
+pub struct FramingRecord {
+    /// Index (0-based, in arrival order) of the ambiguous request, or u64::MAX.
+    bad_index: AtomicU64,
+    reason: AtomicU8,
+    /// Requests the service has been handed so far on this connection.
+    served: AtomicU64,
+}
+
+impl FramingRecord {
+    pub fn new() -> Arc<Self> {
+        Arc::new(FramingRecord {
+            bad_index: AtomicU64::new(u64::MAX),
+            ..Default::default()
+        })
+    }
+
+    /// Called once per request, in order, by the service: the verdict for this request.
+    pub fn next_request(&self) -> Option<Ambiguity> {
+        let n = self.served.fetch_add(1, Ordering::Relaxed);
+        if self.bad_index.load(Ordering::Relaxed) != n {
+            return None;
+        }
+        match self.reason.load(Ordering::Relaxed) {
+            1 => Some(Ambiguity::ContentLengthAndTransferEncoding),
+            _ => Some(Ambiguity::DuplicateContentLength),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Chunk {
+    /// In the chunk-size line; `ext` once past the digits.
+    Size {
+        size: u64,
+        digits: bool,
+        ext: bool,
+    },
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    /// Trailer section; `len` is the current line's length without CR.
+    Trailers {
+        len: usize,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum State {
+    Head,
+    Body(u64),
+    Chunked(Chunk),
+    Off,
+}
+
+/// Wraps a connection's I/O; see the module docs.
+pub struct FramingGuard<IO> {
+    io: IO,
+    state: State,
+    /// A request head split across reads, kept until it is complete.
+    partial: Vec<u8>,
+    heads: u64,
+    max_head: usize,
+    record: Arc<FramingRecord>,
+}
+
+impl<IO> FramingGuard<IO> {
+    pub fn new(io: IO, max_head: usize, record: Arc<FramingRecord>) -> Self {
+        FramingGuard {
+            io,
+            state: State::Head,
+            partial: Vec::new(),
+            heads: 0,
+            max_head,
+            record,
+        }
+    }
+
+    fn observe(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            match self.state {
+                State::Off => return,
+                State::Head => {
+                    if self.partial.is_empty() {
+                        match self.head(data) {
+                            Some(n) => data = &data[n..],
+                            None => {
+                                self.keep_partial(data);
+                                return;
+                            }
+                        }
+                    } else {
+                        let before = self.partial.len();
+                        self.partial.extend_from_slice(data);
+                        let joined = std::mem::take(&mut self.partial);
+                        match self.head(&joined) {
+                            Some(n) => data = &data[n.saturating_sub(before).min(data.len())..],
+                            None => {
+                                self.partial = joined;
+                                if self.partial.len() > self.max_head {
+                                    self.state = State::Off;
+                                }
+                                return;
+                            }
+                        }
+                    }
+                }
+                State::Body(left) => {
+                    let n = (data.len() as u64).min(left);
+                    data = &data[n as usize..];
+                    self.state = if left == n {
+                        State::Head
+                    } else {
+                        State::Body(left - n)
+                    };
+                }
+                State::Chunked(Chunk::Data(left)) => {
+                    let n = (data.len() as u64).min(left);
+                    data = &data[n as usize..];
+                    self.state = State::Chunked(if left == n {
+                        Chunk::DataEnd
+                    } else {
+                        Chunk::Data(left - n)
+                    });
+                }
+                State::Chunked(c) => {
+                    self.state = chunk_step(c, data[0]);
+                    data = &data[1..];
+                }
+            }
+        }
+    }
+
+    fn keep_partial(&mut self, data: &[u8]) {
+        if data.len() > self.max_head {
+            self.state = State::Off;
+        } else {
+            self.partial.extend_from_slice(data);
+        }
+    }
+
+    /// Parse a head at the start of `buf`; returns its length, or None if incomplete.
+    fn head(&mut self, buf: &[u8]) -> Option<usize> {
+        let mut headers = [httparse::EMPTY_HEADER; 128];
+        let mut req = httparse::Request::new(&mut headers);
+        let len = match req.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return None,
+            Err(_) => {
+                self.state = State::Off; // hyper refuses it on its own
+                return Some(buf.len());
+            }
+        };
+        if req.method == Some("PRI") {
+            self.state = State::Off; // the HTTP/2 connection preface
+            return Some(buf.len());
+        }
+        let index = self.heads;
+        self.heads += 1;
+        let mut lengths = 0;
+        let mut length = 0u64;
+        let mut chunked = false;
+        let mut te = false;
+        for h in req.headers.iter() {
+            if h.name.eq_ignore_ascii_case("content-length") {
+                lengths += 1;
+                length = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                te = true;
+                chunked = h
+                    .value
+                    .trim_ascii_end()
+                    .to_ascii_lowercase()
+                    .ends_with(b"chunked");
+            }
+        }
+        let verdict = match (lengths, te) {
+            (n, true) if n > 0 => Some(Ambiguity::ContentLengthAndTransferEncoding),
+            (n, _) if n > 1 => Some(Ambiguity::DuplicateContentLength),
+            _ => None,
+        };
+        if let Some(v) = verdict {
+            self.record.reason.store(v as u8, Ordering::Relaxed);
+            self.record.bad_index.store(index, Ordering::Relaxed);
+            self.state = State::Off;
+            return Some(buf.len());
+        }
+        self.state = if chunked {
+            State::Chunked(Chunk::Size {
+                size: 0,
+                digits: false,
+                ext: false,
+            })
+        } else if length > 0 {
+            State::Body(length)
+        } else {
+            State::Head
+        };
+        Some(len)
+    }
+}
+
+fn chunk_step(c: Chunk, b: u8) -> State {
+    let next = match c {
+        Chunk::Size { size, digits, ext } => match b {
+            b'\n' if !digits => return State::Off,
+            b'\n' if size == 0 => Chunk::Trailers { len: 0 },
+            b'\n' => Chunk::Data(size),
+            b'\r' => c,
+            _ if ext => c,
+            b';' | b' ' | b'\t' => Chunk::Size {
+                size,
+                digits,
+                ext: true,
+            },
+            _ => match (b as char).to_digit(16) {
+                Some(d) if size < (1 << 56) => Chunk::Size {
+                    size: size * 16 + d as u64,
+                    digits: true,
+                    ext,
+                },
+                _ => return State::Off,
+            },
+        },
+        Chunk::DataEnd => match b {
+            b'\r' => c,
+            b'\n' => Chunk::Size {
+                size: 0,
+                digits: false,
+                ext: false,
+            },
+            _ => return State::Off,
+        },
+        Chunk::Trailers { len } => match b {
+            b'\n' if len == 0 => return State::Head,
+            b'\n' => Chunk::Trailers { len: 0 },
+            b'\r' => c,
+            _ => Chunk::Trailers { len: len + 1 },
+        },
+        Chunk::Data(_) => unreachable!("data is skipped in bulk"),
+    };
+    State::Chunked(next)
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.io).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = res {
+            if self.state != State::Off {
+                self.observe(&buf.filled()[before..]);
+            }
+        }
+        res
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for FramingGuard<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdicts(stream: &[&[u8]]) -> Vec<Option<Ambiguity>> {
+        let record = FramingRecord::new();
+        let mut g = FramingGuard::new((), 16384, record.clone());
+        for part in stream {
+            g.observe(part);
+        }
+        (0..g.heads.max(1)).map(|_| record.next_request()).collect()
+    }
+
+    #[test]
+    fn clean_keep_alive_requests_pass() {
+        let s: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nPOST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhelloGET /y HTTP/1.1\r\n\r\n";
+        assert_eq!(verdicts(&[s]), vec![None, None, None]);
+    }
+
+    #[test]
+    fn content_length_with_transfer_encoding_is_flagged_in_either_order() {
+        let a: &[u8] =
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        let b: &[u8] =
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n";
+        assert_eq!(
+            verdicts(&[a]),
+            vec![Some(Ambiguity::ContentLengthAndTransferEncoding)]
+        );
+        assert_eq!(
+            verdicts(&[b]),
+            vec![Some(Ambiguity::ContentLengthAndTransferEncoding)]
+        );
+    }
+
+    #[test]
+    fn duplicate_content_length_is_flagged_on_the_right_request() {
+        let s: &[u8] = b"GET / HTTP/1.1\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello";
+        assert_eq!(
+            verdicts(&[s]),
+            vec![None, Some(Ambiguity::DuplicateContentLength)]
+        );
+    }
+
+    #[test]
+    fn chunked_bodies_are_followed_to_the_next_head_across_reads() {
+        let s: &[u8] = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n10\r\n0123456789abcdef\r\n0\r\nX-Trailer: 1\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx";
+        let parts: Vec<&[u8]> = s.chunks(7).collect();
+        assert_eq!(
+            verdicts(&parts),
+            vec![None, Some(Ambiguity::DuplicateContentLength)]
+        );
+    }
+
+    #[test]
+    fn a_head_split_in_the_middle_is_still_read() {
+        let s: &[u8] = b"POST / HTTP/1.1\r\nContent-Le";
+        let t: &[u8] = b"ngth: 2\r\nContent-Length: 2\r\n\r\nhi";
+        assert_eq!(
+            verdicts(&[s, t]),
+            vec![Some(Ambiguity::DuplicateContentLength)]
+        );
+    }
+
+    #[test]
+    fn the_http2_preface_turns_the_guard_off() {
+        let record = FramingRecord::new();
+        let mut g = FramingGuard::new((), 16384, record);
+        g.observe(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00");
+        assert_eq!(g.state, State::Off);
+    }
+}

@@ -1,0 +1,113 @@
+"""Worker processes: a dead worker is replaced; SIGTERM drains in-flight requests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+
+from gateway import Gateway, GatewayFactory, is_alive
+from upstreams import Upstream
+
+
+def start(gateway: GatewayFactory, up: Upstream, **extra: object) -> Gateway:
+    return gateway(
+        {
+            "upstreams": {"backend": {"targets": [up.address]}},
+            "routes": [{"name": "all", "paths": ["/*"], "upstream": "backend"}],
+            **extra,
+        },
+        workers=2,
+    )
+
+
+def test_runs_the_requested_number_of_workers(gateway: GatewayFactory, upstream: Upstream) -> None:
+    gw = start(gateway, upstream)
+    time.sleep(0.5)
+    assert len(gw.worker_pids()) == 2
+
+
+def test_killed_worker_is_replaced_and_the_gateway_keeps_answering(
+    gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    gw = start(gateway, upstream)
+    before = gw.worker_pids()
+    assert len(before) == 2
+    victim = before[0]
+    os.kill(victim, signal.SIGKILL)
+    t0 = time.monotonic()
+    while is_alive(victim):  # a response the victim had begun is lost with it
+        assert time.monotonic() - t0 < 2, "SIGKILL did not end the worker"
+        time.sleep(0.01)
+    # the surviving worker answers at once
+    with gw.client(limits=httpx.Limits(max_keepalive_connections=0)) as client:
+        for i in range(10):
+            assert client.get(f"/during/{i}").status_code == 200
+    replaced_after = None
+    while time.monotonic() - t0 < 5:
+        now = gw.worker_pids()
+        if len(now) == 2 and victim not in now and set(now) != set(before):
+            replaced_after = time.monotonic() - t0
+            break
+        time.sleep(0.02)
+    assert replaced_after is not None, f"no new worker; workers now {gw.worker_pids()}"
+    assert replaced_after < 2.0, f"replacement took {replaced_after:.2f}s"
+    assert before[1] in gw.worker_pids()
+    with gw.client(limits=httpx.Limits(max_keepalive_connections=0)) as client:
+        for i in range(20):
+            assert client.get(f"/after/{i}").status_code == 200
+    assert gw.proc is not None
+    assert gw.proc.poll() is None
+
+
+def test_sigterm_lets_in_flight_request_finish_then_exits_zero(
+    gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    gw = start(gateway, upstream, grace_period="5s")
+    workers = gw.worker_pids()
+    result: dict[str, object] = {}
+
+    def slow_request() -> None:
+        try:
+            resp = gw.get("/slow", headers={"X-Up-Sleep": "1"}, timeout=15)
+            result["status"] = resp.status_code
+            result["body"] = resp.json()
+        except Exception as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=slow_request)
+    thread.start()
+    upstream.wait_for_arrivals(1)
+    t0 = time.monotonic()
+    gw.signal(signal.SIGTERM)
+    thread.join(timeout=15)
+    assert "error" not in result, result
+    assert result["status"] == 200
+    assert gw.proc is not None
+    rc = gw.proc.wait(timeout=10)
+    took = time.monotonic() - t0
+    assert rc == 0
+    assert took < 5 + 1, f"master exited {took:.1f}s after SIGTERM (grace period 5s)"
+    deadline = time.monotonic() + 3
+    while any(is_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(is_alive(p) for p in workers), "workers outlived the master"
+
+
+def test_sigterm_stops_accepting_new_connections(
+    gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    gw = start(gateway, upstream, grace_period="5s")
+    assert gw.get("/ok").status_code == 200
+    gw.signal(signal.SIGTERM)
+    assert gw.proc is not None
+    assert gw.proc.wait(timeout=10) == 0
+    try:
+        httpx.get(gw.url + "/late", timeout=2)
+    except httpx.ConnectError:
+        pass
+    else:
+        raise AssertionError("a new connection was accepted after the master exited")
