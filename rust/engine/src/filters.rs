@@ -37,8 +37,10 @@ impl Filter for ForwardedHeaders {
         append_forwarded_for(&mut req.headers, &ctx.client_ip);
         req.headers
             .insert(&X_FORWARDED_PROTO, HeaderValue::from_static(ctx.scheme));
-        if let (false, Some(h)) = (req.headers.contains_key(&X_FORWARDED_HOST), &ctx.host) {
-            req.headers.insert(&X_FORWARDED_HOST, h.clone());
+        if let (header::Entry::Vacant(e), Some(h)) =
+            (req.headers.entry(&X_FORWARDED_HOST), &ctx.host)
+        {
+            e.insert(h.clone());
         }
         // req.version is still the client's here; it becomes HTTP/1.1 only on the wire upstream.
         req.headers.append(header::VIA, via_value(req.version));

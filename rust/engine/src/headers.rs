@@ -26,28 +26,34 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 
 /// Remove hop-by-hop headers, including every header the Connection header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none or only `Connection`: one pass over the names is cheaper
-    // than hashing ten names that are absent.
-    if !headers.keys().any(is_hop_by_hop) {
-        return;
-    }
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
+    // One pass over the names present is cheaper than hashing ten names that are absent.
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        if is_hop_by_hop(name) {
+            doomed.push(name.clone());
         }
     }
-    for name in &HOP_BY_HOP {
+    if doomed.is_empty() {
+        return;
+    }
+    for value in headers.get_all(header::CONNECTION) {
+        for token in value.as_bytes().split(|&b| b == b',') {
+            let token = token.trim_ascii();
+            // The usual tokens are options, not header names (Keep-Alive was found above).
+            if token.is_empty()
+                || token.eq_ignore_ascii_case(b"close")
+                || token.eq_ignore_ascii_case(b"keep-alive")
+            {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token) {
+                doomed.push(name);
+            }
+        }
+    }
+    for name in doomed {
         headers.remove(name);
     }
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(&PROXY_CONNECTION);
 }
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
@@ -56,25 +62,22 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 
 /// Append the client address to X-Forwarded-For, keeping what earlier proxies wrote.
 pub fn append_forwarded_for(headers: &mut HeaderMap, client_ip: &HeaderValue) {
-    let prev: Vec<&[u8]> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .map(|v| v.as_bytes())
-        .collect();
-    if prev.is_empty() {
-        headers.insert(&X_FORWARDED_FOR, client_ip.clone());
-        return;
-    }
-    // Several X-Forwarded-For headers fold into one list, in order.
-    let mut joined =
-        Vec::with_capacity(prev.iter().map(|p| p.len() + 2).sum::<usize>() + client_ip.len());
-    for p in prev {
-        joined.extend_from_slice(p);
-        joined.extend_from_slice(b", ");
-    }
-    joined.extend_from_slice(client_ip.as_bytes());
-    if let Ok(v) = HeaderValue::from_bytes(&joined) {
-        headers.insert(&X_FORWARDED_FOR, v);
+    match headers.entry(&X_FORWARDED_FOR) {
+        header::Entry::Vacant(e) => {
+            e.insert(client_ip.clone());
+        }
+        header::Entry::Occupied(mut e) => {
+            // Several X-Forwarded-For headers fold into one list, in order.
+            let mut joined = Vec::with_capacity(128);
+            for v in e.iter() {
+                joined.extend_from_slice(v.as_bytes());
+                joined.extend_from_slice(b", ");
+            }
+            joined.extend_from_slice(client_ip.as_bytes());
+            if let Ok(v) = HeaderValue::from_bytes(&joined) {
+                e.insert(v);
+            }
+        }
     }
 }
 
