@@ -42,10 +42,6 @@ _STABLE_AFTER = 10.0
 _MAX_BACKOFF = 30.0
 # After stopping the workers, the echo upstream gets this long before SIGKILL.
 _ECHO_STOP_TIMEOUT = 3.0
-# The window in which a just-started worker may have read the config but not yet be able
-# to receive SIGHUP; workers that young at a reload get the SIGHUP again this much later.
-_YOUNG = 2.0
-_HUP_AGAIN_AFTER = 1.0
 
 
 @dataclass
@@ -59,7 +55,6 @@ class _Slot:
     started: float = 0.0
     failures: int = 0
     start_at: float = 0.0  # when to (re)start it if proc is None
-    hup_again_at: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -318,12 +313,6 @@ class Master:
                         self._spawn(slot)
                     else:
                         next_due = min(next_due, slot.start_at)
-                if slot.hup_again_at is not None and slot.proc is not None:
-                    if slot.hup_again_at <= now:
-                        slot.hup_again_at = None
-                        self._signal(slot.proc, signal.SIGHUP)
-                    else:
-                        next_due = min(next_due, slot.hup_again_at)
             self._sleep(wake, next_due - time.monotonic())
 
     def _reap(self, now: float) -> None:
@@ -345,7 +334,6 @@ class Master:
                 **slot.extra,
             )
             slot.proc = None
-            slot.hup_again_at = None
         for proc in list(self.retiring):
             if proc.poll() is not None:
                 self.retiring.remove(proc)
@@ -403,12 +391,10 @@ class Master:
             )
             self._write_status(ok=False, problems=[f"cannot write {self.runtime}: {e}"])
             return
-        now = time.monotonic()
+        # A worker still starting re-reads the runtime file once its SIGHUP handler is in.
         for slot in self.workers.values():
             if slot.proc is not None:
                 self._signal(slot.proc, signal.SIGHUP)
-                if now - slot.started < _YOUNG:
-                    slot.hup_again_at = now + _HUP_AGAIN_AFTER
         self._resize(self._worker_count(normalized))
         emit(
             "info",

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The master starts us with SIGHUP blocked, since by default a reload SIGHUP would kill
     # a worker that is still starting. Ignored from here until the data plane installs its
-    # handler; a reload in that gap is missed, so the master repeats SIGHUP to young workers.
+    # handler, which then re-reads the config file once, so a reload in that gap still lands.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     from ferrogate import _core

@@ -35,16 +35,43 @@ pub fn log_event(level: &str, event: &str, fields: serde_json::Value) {
     let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), text.as_bytes());
 }
 
-fn load_engine(path: &Path, previous: Option<&Engine>) -> Result<Engine, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let cfg = GatewayConfig::from_json(&text)?;
+fn read_config(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+fn build_engine(text: &str, previous: Option<&Engine>) -> Result<Engine, String> {
+    let cfg = GatewayConfig::from_json(text)?;
     Engine::build(&cfg, previous).map_err(|p| {
         p.iter()
             .map(|p| p.to_string())
             .collect::<Vec<_>>()
             .join("; ")
     })
+}
+
+/// Apply the config file if it changed since `applied` (the text in force).
+fn reload(worker: &Worker, path: &Path, worker_id: usize, applied: &mut String) {
+    let result = read_config(path).and_then(|text| {
+        if text == *applied {
+            return Ok(());
+        }
+        let engine = build_engine(&text, Some(&worker.engine.load_full()))?;
+        worker.engine.store(Arc::new(engine));
+        *applied = text;
+        log_event(
+            "info",
+            "config_applied",
+            serde_json::json!({"worker": worker_id}),
+        );
+        Ok(())
+    });
+    if let Err(e) = result {
+        log_event(
+            "error",
+            "config_apply_failed",
+            serde_json::json!({"worker": worker_id, "error": e}),
+        );
+    }
 }
 
 /// Exit with the parent: a worker never outlives its master.
@@ -83,31 +110,35 @@ pub fn serve(fds: &[RawFd], config_path: &Path, worker_id: usize) -> Result<(), 
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     rt.block_on(async {
-        let engine = load_engine(config_path, None)?;
+        let mut applied = read_config(config_path)?;
+        let engine = build_engine(&applied, None)?;
         let builder = http_builder(&engine);
         let worker = Arc::new(Worker::new(engine));
         let graceful = Arc::new(GracefulShutdown::new());
         let mut accepting = Vec::new();
         for &fd in fds {
             let listener = listener_from_fd(fd)?;
-            accepting.push(tokio::spawn(accept_loop(listener, worker.clone(), builder.clone(), graceful.clone())));
+            accepting.push(tokio::spawn(accept_loop(
+                listener,
+                worker.clone(),
+                builder.clone(),
+                graceful.clone(),
+            )));
         }
         let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
         let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
-        log_event("info", "worker_started", serde_json::json!({"worker": worker_id}));
+        log_event(
+            "info",
+            "worker_started",
+            serde_json::json!({"worker": worker_id}),
+        );
+        // A reload that landed between reading the config and installing the SIGHUP
+        // handler would otherwise be missed: look at the file once more.
+        reload(&worker, config_path, worker_id, &mut applied);
         loop {
             tokio::select! {
                 _ = term.recv() => break,
-                _ = hup.recv() => {
-                    let current = worker.engine.load_full();
-                    match load_engine(config_path, Some(&current)) {
-                        Ok(engine) => {
-                            worker.engine.store(Arc::new(engine));
-                            log_event("info", "config_applied", serde_json::json!({"worker": worker_id}));
-                        }
-                        Err(e) => log_event("error", "config_apply_failed", serde_json::json!({"worker": worker_id, "error": e})),
-                    }
-                }
+                _ = hup.recv() => reload(&worker, config_path, worker_id, &mut applied),
             }
         }
         // Stop accepting, then let in-flight requests finish within the grace period.
@@ -118,10 +149,17 @@ pub fn serve(fds: &[RawFd], config_path: &Path, worker_id: usize) -> Result<(), 
             let _ = task.await;
         }
         let grace = worker.engine.load().grace_period;
-        let graceful = Arc::try_unwrap(graceful).map_err(|_| "accept loops still hold the shutdown handle".to_string())?;
+        let graceful = Arc::try_unwrap(graceful)
+            .map_err(|_| "accept loops still hold the shutdown handle".to_string())?;
         let open = graceful.count();
-        let drained = tokio::time::timeout(grace, graceful.shutdown()).await.is_ok();
-        log_event("info", "worker_stopped", serde_json::json!({"worker": worker_id, "open_connections": open, "drained": drained}));
+        let drained = tokio::time::timeout(grace, graceful.shutdown())
+            .await
+            .is_ok();
+        log_event(
+            "info",
+            "worker_stopped",
+            serde_json::json!({"worker": worker_id, "open_connections": open, "drained": drained}),
+        );
         Ok(())
     })
 }
