@@ -1,6 +1,7 @@
 //! Body types of the request path. Bodies stream frame by frame in both directions, so
 //! hyper's flow control gives backpressure end to end and memory stays bounded.
 
+use crate::h1client::UpstreamBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -99,58 +100,29 @@ impl Body for RequestBody {
     }
 }
 
-/// What to do once an upstream response body has been read to its end (return the
-/// connection to its pool); not called when the body is abandoned half-way.
-pub trait OnEnd {
-    fn on_end(&mut self);
-}
-
-/// A response body: the upstream's, streamed, or one the gateway wrote itself.
-pub enum ResponseBody<G: OnEnd> {
-    Upstream { inner: Incoming, guard: Option<G> },
+/// A response body: the upstream's, streamed, or one the gateway wrote itself. `G` is
+/// held until the body is done (it frees the target's in-flight slot).
+pub enum ResponseBody<G> {
+    Upstream { inner: UpstreamBody, _guard: G },
     Full(Option<Bytes>),
 }
 
-impl<G: OnEnd> ResponseBody<G> {
+impl<G> ResponseBody<G> {
     pub fn full(bytes: impl Into<Bytes>) -> Self {
         ResponseBody::Full(Some(bytes.into()))
     }
 }
 
-impl<G: OnEnd> Drop for ResponseBody<G> {
-    fn drop(&mut self) {
-        // The server stops polling once a sized body's last frame is out, so the end is
-        // often seen here rather than as a final `None`.
-        if let ResponseBody::Upstream {
-            inner,
-            guard: Some(g),
-        } = self
-        {
-            if inner.is_end_stream() {
-                g.on_end();
-            }
-        }
-    }
-}
-
-impl<G: OnEnd + Unpin> Body for ResponseBody<G> {
+impl<G: Unpin> Body for ResponseBody<G> {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = std::io::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
-            ResponseBody::Upstream { inner, guard } => {
-                let frame = ready!(Pin::new(inner).poll_frame(cx));
-                if frame.is_none() {
-                    if let Some(mut g) = guard.take() {
-                        g.on_end();
-                    }
-                }
-                Poll::Ready(frame)
-            }
+            ResponseBody::Upstream { inner, .. } => Pin::new(inner).poll_frame(cx),
             ResponseBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
         }
     }

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod error;
 pub mod filters;
 pub mod framing;
+pub mod h1client;
 pub mod headers;
 pub mod phase;
 pub mod pool;

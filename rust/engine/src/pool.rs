@@ -1,16 +1,13 @@
 //! Keep-alive connections to one upstream target.
 //!
-//! Hand-written instead of hyper-util's generic client: profiling the proxy showed that
-//! client's per-request costs (a hashed pool key, a spawned task per request to wait for
-//! the connection to go idle, a checkout future) on the hot path. Here a request takes the
-//! most recently used idle connection (LIFO keeps the fewest connections warm) and the
-//! response body puts it back the moment it has been read to the end.
+//! A request takes the most recently used idle connection (LIFO keeps the fewest
+//! connections warm); its response body hands the connection back the moment it has been
+//! read to the end (`h1client::UpstreamBody`). Connections have no task of their own: the
+//! request's task does their I/O.
 
 use crate::body::RequestBody;
-use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use crate::h1client::{Conn, ExchangeError, Recycle, UpstreamBody};
+use http::{request, Method, Response};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
@@ -24,7 +21,7 @@ pub struct PoolSettings {
 }
 
 struct IdleConn {
-    sender: SendRequest<RequestBody>,
+    conn: Conn,
     since: Instant,
 }
 
@@ -39,22 +36,33 @@ pub struct ConnPool {
 pub enum SendError {
     Connect(std::io::Error),
     ConnectTimeout,
-    Http(hyper::Error),
+    Exchange(ExchangeError),
 }
 
-/// A connection lent to one request; [`Lease::release`] returns it to the pool, dropping
-/// it closes the connection (used when the response was not read to the end).
-pub struct Lease {
-    sender: Option<SendRequest<RequestBody>>,
-    pool: Arc<ConnPool>,
-}
-
-impl Lease {
-    pub fn release(&mut self) {
-        if let Some(sender) = self.sender.take() {
-            self.pool.put(sender);
+impl Recycle for ConnPool {
+    fn recycle(&self, conn: Conn) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        // The oldest idle connections sit at the front: expire them there.
+        let timeout = self.settings.keepalive_timeout;
+        let expired = idle
+            .iter()
+            .take_while(|c| now.duration_since(c.since) >= timeout)
+            .count();
+        idle.drain(..expired);
+        if idle.len() < self.settings.keepalive {
+            idle.push(IdleConn { conn, since: now });
         }
     }
+}
+
+/// Methods that may be sent again when a reused connection turns out dead under them
+/// (RFC 9110 §9.2.2), as nginx does.
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }
 
 impl ConnPool {
@@ -66,34 +74,17 @@ impl ConnPool {
         })
     }
 
-    fn take(&self) -> Option<SendRequest<RequestBody>> {
+    fn take(&self) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         while let Some(c) = idle.pop() {
-            if !c.sender.is_closed()
-                && now.duration_since(c.since) < self.settings.keepalive_timeout
+            if now.duration_since(c.since) < self.settings.keepalive_timeout
+                && c.conn.is_reusable_idle()
             {
-                return Some(c.sender);
+                return Some(c.conn);
             }
         }
         None
-    }
-
-    fn put(&self, sender: SendRequest<RequestBody>) {
-        if sender.is_closed() {
-            return;
-        }
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        // The oldest idle connections sit at the front: expire them there.
-        let expired = idle
-            .iter()
-            .take_while(|c| now.duration_since(c.since) >= self.settings.keepalive_timeout)
-            .count();
-        idle.drain(..expired);
-        if idle.len() < self.settings.keepalive {
-            idle.push(IdleConn { sender, since: now });
-        }
     }
 
     /// Idle connections right now (for tests and metrics).
@@ -101,7 +92,7 @@ impl ConnPool {
         self.idle.lock().map(|i| i.len()).unwrap_or(0)
     }
 
-    async fn connect(&self) -> Result<SendRequest<RequestBody>, SendError> {
+    async fn connect(&self) -> Result<Conn, SendError> {
         let stream = tokio::time::timeout(
             self.settings.connect_timeout,
             TcpStream::connect(&self.address),
@@ -110,49 +101,36 @@ impl ConnPool {
         .map_err(|_| SendError::ConnectTimeout)?
         .map_err(SendError::Connect)?;
         let _ = stream.set_nodelay(true);
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(SendError::Http)?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(sender)
+        Ok(Conn::new(stream))
     }
 
-    /// Send `req` on an idle connection or a new one. A request that an idle connection
-    /// could not take (it had closed) is retried on another; one that was written is never
-    /// sent twice.
+    /// Send a request on an idle connection or a new one and wait for the response head;
+    /// the body streams through the returned response. A reused connection that turns out
+    /// to be dead is replaced, and the request sent again, only when that cannot repeat a
+    /// side effect: nothing of its body was consumed, and the head never left or the
+    /// method is idempotent.
     pub async fn send(
         self: &Arc<Self>,
-        mut req: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, Lease), SendError> {
+        parts: &request::Parts,
+        body: &mut RequestBody,
+    ) -> Result<Response<UpstreamBody>, SendError> {
         loop {
-            let (mut sender, reused) = match self.take() {
-                Some(s) => (s, true),
+            let (conn, reused) = match self.take() {
+                Some(c) => (c, true),
                 None => (self.connect().await?, false),
             };
-            // A connection returned by the previous response may not have gone idle yet.
-            if let Err(e) = sender.ready().await {
-                if reused {
-                    continue;
+            match conn.exchange(parts, body).await {
+                Ok((resp, framing, conn)) => {
+                    let home: Arc<dyn Recycle> = self.clone();
+                    return Ok(resp.map(|()| UpstreamBody::new(conn, framing, home)));
                 }
-                return Err(SendError::Http(e));
-            }
-            match sender.try_send_request(req).await {
-                Ok(resp) => {
-                    return Ok((
-                        resp,
-                        Lease {
-                            sender: Some(sender),
-                            pool: self.clone(),
-                        },
-                    ))
-                }
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if reused => req = unsent,
-                    _ => return Err(SendError::Http(e.into_error())),
-                },
+                Err(ExchangeError::Io {
+                    before_response: true,
+                    sent_body: false,
+                    wrote_head,
+                    ..
+                }) if reused && (!wrote_head || idempotent(&parts.method)) => {}
+                Err(e) => return Err(SendError::Exchange(e)),
             }
         }
     }

@@ -1,15 +1,16 @@
 //! The request path. One function per phase, called in order by [`handle`]; see
 //! `phase.rs` for the phase names and docs/architecture.md for the picture.
 
-use crate::body::{BodyError, OnEnd, RequestBody, ResponseBody};
+use crate::body::{BodyError, RequestBody, ResponseBody};
 use crate::config::HashSource;
 use crate::engine::Engine;
 use crate::error::{ErrorKind, GatewayError};
 use crate::filters::via_value;
 use crate::framing::Ambiguity;
+use crate::h1client::ExchangeError;
 use crate::headers::{new_request_id, strip_hop_by_hop, X_REQUEST_ID};
 use crate::phase::RequestCtx;
-use crate::pool::{Lease, SendError};
+use crate::pool::SendError;
 use crate::router::RequestHead;
 use crate::upstream::{InflightGuard, Upstream};
 use arc_swap::ArcSwap;
@@ -18,24 +19,11 @@ use http::uri::PathAndQuery;
 use http::{header, request, HeaderMap, HeaderValue, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
-use std::error::Error as _;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-pub type ProxyBody = ResponseBody<UpstreamLease>;
-
-/// What a response body holds on to: the pooled connection it is read from and the
-/// target's in-flight slot.
-pub struct UpstreamLease {
-    conn: Lease,
-    _inflight: InflightGuard,
-}
-
-impl OnEnd for UpstreamLease {
-    fn on_end(&mut self) {
-        self.conn.release();
-    }
-}
+/// The body a client gets; the guard frees the target's in-flight slot when it is done.
+pub type ProxyBody = ResponseBody<InflightGuard>;
 
 /// A worker's shared state: the current engine, swapped on reload.
 pub struct Worker {
@@ -150,25 +138,22 @@ async fn forward(
     }
     let client_version = parts.version;
     parts.version = Version::HTTP_11;
-    let up_req = Request::from_parts(
-        parts,
-        RequestBody::new(body, first, engine.limits.max_body_bytes),
-    );
+    let mut body = RequestBody::new(body, first, engine.limits.max_body_bytes);
 
-    let (resp, conn) =
-        match tokio::time::timeout(upstream.read_timeout, target.pool.send(up_req)).await {
-            Ok(Ok(sent)) => sent,
-            Ok(Err(e)) => return Err(upstream_error(&e, &target.address)),
-            Err(_) => {
-                return Err(GatewayError::new(
-                    ErrorKind::UpstreamTimeout,
-                    format!(
-                        "upstream {} sent no response within {:?}",
-                        target.address, upstream.read_timeout
-                    ),
-                ))
-            }
-        };
+    let send = target.pool.send(&parts, &mut body);
+    let resp = match tokio::time::timeout(upstream.read_timeout, send).await {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => return Err(upstream_error(&e, &target.address)),
+        Err(_) => {
+            return Err(GatewayError::new(
+                ErrorKind::UpstreamTimeout,
+                format!(
+                    "upstream {} sent no response within {:?}",
+                    target.address, upstream.read_timeout
+                ),
+            ))
+        }
+    };
 
     // phase: response_headers
     let (mut rparts, rbody) = resp.into_parts();
@@ -187,10 +172,7 @@ async fn forward(
         rparts,
         ResponseBody::Upstream {
             inner: rbody,
-            guard: Some(UpstreamLease {
-                conn,
-                _inflight: guard,
-            }),
+            _guard: guard,
         },
     ))
 }
@@ -290,38 +272,25 @@ fn upstream_path_and_query(
 }
 
 fn upstream_error(e: &SendError, target: &str) -> GatewayError {
-    let e = match e {
-        SendError::ConnectTimeout => {
-            return GatewayError::new(
-                ErrorKind::UpstreamTimeout,
-                format!("connecting to upstream {target} timed out"),
-            )
+    match e {
+        SendError::ConnectTimeout => GatewayError::new(
+            ErrorKind::UpstreamTimeout,
+            format!("connecting to upstream {target} timed out"),
+        ),
+        SendError::Connect(io) => GatewayError::new(
+            ErrorKind::UpstreamUnreachable,
+            format!("could not connect to upstream {target}: {io}"),
+        ),
+        SendError::Exchange(ExchangeError::Body(BodyError::TooLarge)) => {
+            GatewayError::new(ErrorKind::BodyTooLarge, "request body is above the limit")
         }
-        SendError::Connect(io) => {
-            return GatewayError::new(
-                ErrorKind::UpstreamUnreachable,
-                format!("could not connect to upstream {target}: {io}"),
-            )
-        }
-        SendError::Http(e) => e,
-    };
-    let mut source = e.source();
-    while let Some(s) = source {
-        if let Some(b) = s.downcast_ref::<BodyError>() {
-            return match b {
-                BodyError::TooLarge => {
-                    GatewayError::new(ErrorKind::BodyTooLarge, "request body is above the limit")
-                }
-                BodyError::Malformed(m) => GatewayError::new(
-                    ErrorKind::BadRequest,
-                    format!("malformed request body: {m}"),
-                ),
-            };
-        }
-        source = s.source();
+        SendError::Exchange(ExchangeError::Body(BodyError::Malformed(m))) => GatewayError::new(
+            ErrorKind::BadRequest,
+            format!("malformed request body: {m}"),
+        ),
+        SendError::Exchange(e) => GatewayError::new(
+            ErrorKind::UpstreamUnreachable,
+            format!("lost the connection to upstream {target}: {e}"),
+        ),
     }
-    GatewayError::new(
-        ErrorKind::UpstreamUnreachable,
-        format!("lost the connection to upstream {target}: {e}"),
-    )
 }

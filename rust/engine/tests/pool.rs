@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 use ferrogate_engine::body::RequestBody;
-use ferrogate_engine::pool::{ConnPool, PoolSettings};
+use ferrogate_engine::pool::{ConnPool, PoolSettings, SendError};
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -84,14 +84,18 @@ fn settings() -> PoolSettings {
     }
 }
 
+async fn get(pool: &std::sync::Arc<ConnPool>, addr: &str) -> Result<Bytes, SendError> {
+    let (parts, mut body) = empty_request(addr).await.into_parts();
+    let resp = pool.send(&parts, &mut body).await?;
+    Ok(resp.into_body().collect().await.expect("body").to_bytes())
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn sequential_requests_reuse_one_connection() {
     let (addr, accepted) = upstream(usize::MAX).await;
     let pool = ConnPool::new(&addr, settings());
     for _ in 0..20 {
-        let (resp, mut lease) = pool.send(empty_request(&addr).await).await.unwrap();
-        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
-        lease.release();
+        assert_eq!(get(&pool, &addr).await.unwrap(), "ok");
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
     assert_eq!(pool.idle_count(), 1);
@@ -102,20 +106,46 @@ async fn a_connection_the_upstream_closed_is_not_reused() {
     let (addr, accepted) = upstream(1).await;
     let pool = ConnPool::new(&addr, settings());
     for _ in 0..5 {
-        let (resp, mut lease) = pool.send(empty_request(&addr).await).await.unwrap();
-        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
-        lease.release();
+        assert_eq!(get(&pool, &addr).await.unwrap(), "ok");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 5);
+    assert_eq!(pool.idle_count(), 0);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_idle_connection_closed_under_the_pool_is_replaced_transparently() {
+    // The upstream closes every connection after one answer but without saying so.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+    let pool = ConnPool::new(&addr, settings());
+    for _ in 0..3 {
+        assert_eq!(get(&pool, &addr).await.unwrap(), "ok");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn an_abandoned_response_does_not_return_its_connection() {
     let (addr, _) = upstream(usize::MAX).await;
     let pool = ConnPool::new(&addr, settings());
-    let (_resp, lease) = pool.send(empty_request(&addr).await).await.unwrap();
-    drop(lease);
+    let (parts, mut body) = empty_request(&addr).await.into_parts();
+    let resp = pool.send(&parts, &mut body).await.unwrap();
+    assert_eq!(pool.idle_count(), 0);
+    drop(resp);
     assert_eq!(pool.idle_count(), 0);
 }
 
@@ -125,9 +155,6 @@ async fn connect_refused_is_a_connect_error() {
     let addr = l.local_addr().unwrap().to_string();
     drop(l);
     let pool = ConnPool::new(&addr, settings());
-    let err = pool.send(empty_request(&addr).await).await.err().unwrap();
-    assert!(
-        matches!(err, ferrogate_engine::pool::SendError::Connect(_)),
-        "{err:?}"
-    );
+    let err = get(&pool, &addr).await.err().unwrap();
+    assert!(matches!(err, SendError::Connect(_)), "{err:?}");
 }
