@@ -59,3 +59,16 @@ def test_h2c_serves_concurrent_streams_on_one_connection(
     assert sorted(r.json()["path"] for r in responses) == sorted(f"/stream/{i}" for i in range(10))
     # one after another this would take 5 s
     assert elapsed < 2.5, elapsed
+
+
+def test_h2c_request_bodies_of_every_size_reach_the_upstream_whole(
+    gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    # HTTP/2 clients may end a body with an empty DATA frame; it must not end the
+    # upstream request early or be written as an empty chunk.
+    gw = start(gateway, upstream)
+    with httpx.Client(http1=False, http2=True, base_url=gw.url, timeout=15) as client:
+        for size in (1, 10, 16384, 70000):
+            posted = client.post("/h2/sizes", content=b"s" * size)
+            assert posted.status_code == 200, posted.text
+            assert posted.json()["body_len"] == size

@@ -24,11 +24,7 @@ pub enum Balancer {
 }
 
 impl Balancer {
-    pub fn new(
-        kind: Balance,
-        weights: &[u32],
-        source: Option<(HashSource, Option<String>)>,
-    ) -> Self {
+    pub fn new(kind: Balance, weights: &[u32], source: Option<(HashSource, Option<String>)>) -> Self {
         match kind {
             Balance::RoundRobin => Balancer::RoundRobin(RoundRobin::new(weights)),
             Balance::LeastConn => Balancer::LeastConn {
@@ -48,12 +44,7 @@ impl Balancer {
 
     /// Pick a target index. `inflight[i] / weights[i]` drives least-connections; `key`
     /// drives hashing (without a key, hashing falls back to round robin).
-    pub fn pick(
-        &self,
-        weights: &[u32],
-        inflight: &dyn Fn(usize) -> usize,
-        key: HashKey<'_>,
-    ) -> usize {
+    pub fn pick(&self, weights: &[u32], inflight: &dyn Fn(usize) -> usize, key: HashKey<'_>) -> usize {
         match self {
             Balancer::RoundRobin(rr) => rr.next(),
             Balancer::LeastConn { tie_break } => least_conn(weights, inflight, tie_break),
@@ -73,11 +64,7 @@ impl Balancer {
     }
 }
 
-fn least_conn(
-    weights: &[u32],
-    inflight: &dyn Fn(usize) -> usize,
-    tie_break: &AtomicUsize,
-) -> usize {
+fn least_conn(weights: &[u32], inflight: &dyn Fn(usize) -> usize, tie_break: &AtomicUsize) -> usize {
     let n = weights.len();
     // Rotate the starting point so equal loads spread instead of piling on target 0.
     let start = tie_break.fetch_add(1, Ordering::Relaxed) % n;

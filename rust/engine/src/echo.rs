@@ -44,10 +44,8 @@ async fn describe(req: Request<Incoming>) -> Response<Full<Bytes>> {
         "body": String::from_utf8_lossy(&kept),
     });
     let mut resp = Response::new(Full::new(Bytes::from(doc.to_string())));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }
 

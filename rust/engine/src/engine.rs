@@ -21,10 +21,7 @@ pub struct Engine {
 
 impl Engine {
     /// Compile `config`, reusing the connection pools of `previous` where they still fit.
-    pub fn build(
-        config: &GatewayConfig,
-        previous: Option<&Engine>,
-    ) -> Result<Engine, Vec<ConfigProblem>> {
+    pub fn build(config: &GatewayConfig, previous: Option<&Engine>) -> Result<Engine, Vec<ConfigProblem>> {
         let mut problems = Vec::new();
         let mut upstreams = Vec::new();
         let mut index = HashMap::new();

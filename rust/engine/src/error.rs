@@ -75,19 +75,12 @@ impl GatewayError {
         .to_string()
     }
 
-    pub fn into_response<B>(
-        self,
-        request_id: &HeaderValue,
-        full: impl FnOnce(String) -> B,
-    ) -> Response<B> {
+    pub fn into_response<B>(self, request_id: &HeaderValue, full: impl FnOnce(String) -> B) -> Response<B> {
         let body = self.body(request_id);
         let mut resp = Response::new(full(body));
         *resp.status_mut() = self.kind.status();
         let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if self.kind.closes_connection() {
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }

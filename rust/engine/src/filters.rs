@@ -37,9 +37,7 @@ impl Filter for ForwardedHeaders {
         append_forwarded_for(&mut req.headers, &ctx.client_ip);
         req.headers
             .insert(&X_FORWARDED_PROTO, HeaderValue::from_static(ctx.scheme));
-        if let (header::Entry::Vacant(e), Some(h)) =
-            (req.headers.entry(&X_FORWARDED_HOST), &ctx.host)
-        {
+        if let (header::Entry::Vacant(e), Some(h)) = (req.headers.entry(&X_FORWARDED_HOST), &ctx.host) {
             e.insert(h.clone());
         }
         // req.version is still the client's here; it becomes HTTP/1.1 only on the wire upstream.
@@ -65,10 +63,7 @@ impl Filter for BodyLimit {
         match declared {
             Some(n) if n > self.0 => Err(GatewayError::new(
                 ErrorKind::BodyTooLarge,
-                format!(
-                    "request body of {n} bytes is above the limit of {} bytes",
-                    self.0
-                ),
+                format!("request body of {n} bytes is above the limit of {} bytes", self.0),
             )),
             _ => Ok(()),
         }

@@ -349,10 +349,8 @@ mod tests {
 
     #[test]
     fn content_length_with_transfer_encoding_is_flagged_in_either_order() {
-        let a: &[u8] =
-            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
-        let b: &[u8] =
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n";
+        let a: &[u8] = b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        let b: &[u8] = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n";
         assert_eq!(
             verdicts(&[a]),
             vec![Some(Ambiguity::ContentLengthAndTransferEncoding)]
@@ -365,7 +363,8 @@ mod tests {
 
     #[test]
     fn duplicate_content_length_is_flagged_on_the_right_request() {
-        let s: &[u8] = b"GET / HTTP/1.1\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello";
+        let s: &[u8] =
+            b"GET / HTTP/1.1\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello";
         assert_eq!(
             verdicts(&[s]),
             vec![None, Some(Ambiguity::DuplicateContentLength)]
@@ -386,10 +385,7 @@ mod tests {
     fn a_head_split_in_the_middle_is_still_read() {
         let s: &[u8] = b"POST / HTTP/1.1\r\nContent-Le";
         let t: &[u8] = b"ngth: 2\r\nContent-Length: 2\r\n\r\nhi";
-        assert_eq!(
-            verdicts(&[s, t]),
-            vec![Some(Ambiguity::DuplicateContentLength)]
-        );
+        assert_eq!(verdicts(&[s, t]), vec![Some(Ambiguity::DuplicateContentLength)]);
     }
 
     #[test]

@@ -21,7 +21,9 @@ use tokio::net::TcpStream;
 
 /// A response head above this size is refused (hyper's default limit is similar).
 const MAX_HEAD: usize = 64 * 1024;
-const READ_CHUNK: usize = 16 * 1024;
+/// Reads start at this size and double, per connection, while they fill the buffer.
+const READ_MIN: usize = 16 * 1024;
+const READ_MAX: usize = 256 * 1024;
 const MAX_HEADERS: usize = 100;
 
 /// One upstream connection and its reusable buffers.
@@ -29,6 +31,7 @@ pub struct Conn {
     pub(crate) stream: TcpStream,
     buf: BytesMut,
     out: Vec<u8>,
+    read_size: usize,
 }
 
 /// Why an exchange failed, and whether the request could have reached the upstream.
@@ -63,8 +66,9 @@ impl Conn {
     pub fn new(stream: TcpStream) -> Self {
         Conn {
             stream,
-            buf: BytesMut::with_capacity(READ_CHUNK),
+            buf: BytesMut::with_capacity(READ_MIN),
             out: Vec::with_capacity(1024),
+            read_size: READ_MIN,
         }
     }
 
@@ -95,12 +99,6 @@ impl Conn {
         body: &mut RequestBody,
     ) -> Result<(Response<()>, Framing, Self), ExchangeError> {
         let chunked = self.write_head(parts, body);
-        let io_err = |error, sent_body| ExchangeError::Io {
-            error,
-            before_response: true,
-            wrote_head: true,
-            sent_body,
-        };
         if let Err(error) = self.stream.write_all(&self.out).await {
             return Err(ExchangeError::Io {
                 error,
@@ -110,42 +108,23 @@ impl Conn {
             });
         }
         let mut sent_body = false;
+        let mut answered_early = false;
         if !body.is_end_stream() {
-            while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(ExchangeError::Body)?;
-                let Ok(mut data) = frame.into_data() else {
-                    continue;
-                };
-                sent_body = true;
-                if chunked {
-                    let size = format!("{:x}\r\n", data.len());
-                    let mut parts = [
-                        IoSlice::new(size.as_bytes()),
-                        IoSlice::new(&data),
-                        IoSlice::new(b"\r\n"),
-                    ];
-                    write_all_vectored(&mut self.stream, &mut parts)
-                        .await
-                        .map_err(|e| io_err(e, true))?;
-                } else {
-                    while data.has_remaining() {
-                        let n = self
-                            .stream
-                            .write(&data)
-                            .await
-                            .map_err(|e| io_err(e, true))?;
-                        data.advance(n);
-                    }
-                }
-            }
-            if chunked {
-                self.stream
-                    .write_all(b"0\r\n\r\n")
-                    .await
-                    .map_err(|e| io_err(e, true))?;
+            // An upstream may answer before it has read the whole body (a 413, a redirect)
+            // and stop reading: watch for its response while writing, or both sides wait.
+            let stream = &self.stream;
+            let mut probe = [0u8; 1];
+            tokio::select! {
+                biased;
+                written = write_body(stream, body, chunked, &mut sent_body) => written?,
+                _ = stream.peek(&mut probe) => answered_early = true,
             }
         }
-        let (resp, framing) = self.read_head(&parts.method, sent_body).await?;
+        let (resp, mut framing) = self.read_head(&parts.method, sent_body).await?;
+        if answered_early {
+            // The upstream did not read the whole request: the connection's state is unknown.
+            framing.keep_alive = false;
+        }
         Ok((resp, framing, self))
     }
 
@@ -155,13 +134,7 @@ impl Conn {
         out.clear();
         out.extend_from_slice(parts.method.as_str().as_bytes());
         out.push(b' ');
-        out.extend_from_slice(
-            parts
-                .uri
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .as_bytes(),
-        );
+        out.extend_from_slice(parts.uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
         out.extend_from_slice(b" HTTP/1.1\r\n");
         for (name, value) in &parts.headers {
             if name == header::CONTENT_LENGTH {
@@ -207,7 +180,7 @@ impl Conn {
                     None => {}
                 }
             }
-            let n = read_more(&mut self.stream, &mut self.buf)
+            let n = read_more(&mut self.stream, &mut self.buf, &mut self.read_size)
                 .await
                 .map_err(|error| ExchangeError::Io {
                     error,
@@ -217,10 +190,7 @@ impl Conn {
                 })?;
             if n == 0 {
                 return Err(ExchangeError::Io {
-                    error: io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "upstream closed the connection",
-                    ),
+                    error: io::Error::new(io::ErrorKind::UnexpectedEof, "upstream closed the connection"),
                     before_response: !first_byte_seen,
                     wrote_head: true,
                     sent_body,
@@ -228,6 +198,52 @@ impl Conn {
             }
         }
     }
+}
+
+/// Stream the client's body to the upstream, chunk-encoded or as is.
+async fn write_body(
+    stream: &TcpStream,
+    body: &mut RequestBody,
+    chunked: bool,
+    sent_body: &mut bool,
+) -> Result<(), ExchangeError> {
+    let io_err = |error| ExchangeError::Io {
+        error,
+        before_response: true,
+        wrote_head: true,
+        sent_body: true,
+    };
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(ExchangeError::Body)?;
+        // Trailers are not forwarded; an empty data frame (HTTP/2 ends streams with them)
+        // would read as the last chunk.
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        *sent_body = true;
+        if chunked {
+            let size = format!("{:x}\r\n", data.len());
+            let mut parts = [
+                IoSlice::new(size.as_bytes()),
+                IoSlice::new(&data),
+                IoSlice::new(b"\r\n"),
+            ];
+            write_all_vectored(stream, &mut parts).await.map_err(io_err)?;
+        } else {
+            write_all_vectored(stream, &mut [IoSlice::new(&data)])
+                .await
+                .map_err(io_err)?;
+        }
+    }
+    if chunked {
+        write_all_vectored(stream, &mut [IoSlice::new(b"0\r\n\r\n")])
+            .await
+            .map_err(io_err)?;
+    }
+    Ok(())
 }
 
 fn expects_body(m: &Method) -> bool {
@@ -246,36 +262,44 @@ fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     }
 }
 
-async fn write_all_vectored(stream: &mut TcpStream, parts: &mut [IoSlice<'_>]) -> io::Result<()> {
+/// Write everything through a shared reference, so a read can be awaited meanwhile.
+async fn write_all_vectored(stream: &TcpStream, parts: &mut [IoSlice<'_>]) -> io::Result<()> {
     let mut parts = &mut parts[..];
-    IoSlice::advance_slices(&mut parts, 0);
+    IoSlice::advance_slices(&mut parts, 0); // skip leading empty slices
     while !parts.is_empty() {
-        let n = stream.write_vectored(parts).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
+        stream.writable().await?;
+        match stream.try_write_vectored(parts) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut parts, n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
         }
-        IoSlice::advance_slices(&mut parts, n);
     }
     Ok(())
 }
 
-async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
-    std::future::poll_fn(|cx| poll_read_more(stream, buf, cx)).await
+async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut, size: &mut usize) -> io::Result<usize> {
+    std::future::poll_fn(|cx| poll_read_more(stream, buf, size, cx)).await
 }
 
 fn poll_read_more(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
+    size: &mut usize,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {
     // Reuses the allocation once the previous response's slices are gone.
-    buf.reserve(READ_CHUNK);
+    buf.reserve(*size);
     let spare = buf.spare_capacity_mut();
+    let room = spare.len();
     let mut rb = ReadBuf::uninit(spare);
     ready!(Pin::new(stream).poll_read(cx, &mut rb))?;
     let n = rb.filled().len();
     // SAFETY: poll_read initialized the first n bytes of the spare capacity.
     unsafe { buf.set_len(buf.len() + n) };
+    if n == room && *size < READ_MAX {
+        *size *= 2; // the upstream sends more than we read at once: read more next time
+    }
     Poll::Ready(Ok(n))
 }
 
@@ -312,8 +336,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Exc
         buf.advance(len);
         return Ok(Some(Parsed::Interim));
     }
-    let status = StatusCode::from_u16(code)
-        .map_err(|_| ExchangeError::Protocol(format!("status {code}")))?;
+    let status = StatusCode::from_u16(code).map_err(|_| ExchangeError::Protocol(format!("status {code}")))?;
     let http10 = resp.version == Some(0);
     let base = buf.as_ptr() as usize;
     let mut spans: Vec<(HeaderName, usize, usize)> = Vec::with_capacity(resp.headers.len());
@@ -407,13 +430,8 @@ enum Chunk {
 
 /// Decode as much chunked framing from `buf` as possible: returns a data slice, or None
 /// when more input is needed; sets `done` at the last chunk's end.
-fn decode_chunk(
-    buf: &mut BytesMut,
-    state: &mut Chunk,
-    done: &mut bool,
-) -> Result<Option<Bytes>, io::Error> {
-    let bad =
-        |m: &str| io::Error::new(io::ErrorKind::InvalidData, format!("bad chunked body: {m}"));
+fn decode_chunk(buf: &mut BytesMut, state: &mut Chunk, done: &mut bool) -> Result<Option<Bytes>, io::Error> {
+    let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, format!("bad chunked body: {m}"));
     loop {
         match *state {
             Chunk::Size => {
@@ -425,11 +443,7 @@ fn decode_chunk(
                     };
                 };
                 let line = &buf[..eol];
-                let digits = line
-                    .split(|&b| b == b';')
-                    .next()
-                    .unwrap_or(b"")
-                    .trim_ascii();
+                let digits = line.split(|&b| b == b';').next().unwrap_or(b"").trim_ascii();
                 if digits.is_empty() || digits.len() > 15 {
                     return Err(bad("chunk size"));
                 }
@@ -583,7 +597,12 @@ impl Body for UpstreamBody {
                 this.finish();
                 return Poll::Ready(None);
             }
-            let n = ready!(poll_read_more(&mut conn.stream, &mut conn.buf, cx))?;
+            let n = ready!(poll_read_more(
+                &mut conn.stream,
+                &mut conn.buf,
+                &mut conn.read_size,
+                cx
+            ))?;
             if n == 0 {
                 if this.kind == BodyKind::UntilClose {
                     this.keep_alive = false;
@@ -642,10 +661,7 @@ mod tests {
             Method::GET,
         );
         assert_eq!(f.kind, BodyKind::Chunked);
-        let f = framing(
-            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
-            Method::HEAD,
-        );
+        let f = framing(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", Method::HEAD);
         assert_eq!(f.kind, BodyKind::Empty);
         let f = framing(
             b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",

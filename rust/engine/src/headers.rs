@@ -125,10 +125,7 @@ mod tests {
     #[test]
     fn strips_standard_and_connection_named_headers() {
         let mut h = HeaderMap::new();
-        h.insert(
-            "connection",
-            HeaderValue::from_static("keep-alive, X-Secret-Hop"),
-        );
+        h.insert("connection", HeaderValue::from_static("keep-alive, X-Secret-Hop"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
         h.insert("te", HeaderValue::from_static("trailers"));
@@ -148,16 +145,10 @@ mod tests {
         let me = HeaderValue::from_static("127.0.0.1");
         append_forwarded_for(&mut h, &me);
         assert_eq!(h[&X_FORWARDED_FOR], "127.0.0.1");
-        h.insert(
-            &X_FORWARDED_FOR,
-            HeaderValue::from_static("10.0.0.1, 10.0.0.2"),
-        );
+        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1, 10.0.0.2"));
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.3"));
         append_forwarded_for(&mut h, &me);
-        assert_eq!(
-            h[&X_FORWARDED_FOR],
-            "10.0.0.1, 10.0.0.2, 10.0.0.3, 127.0.0.1"
-        );
+        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2, 10.0.0.3, 127.0.0.1");
         assert_eq!(h.get_all(&X_FORWARDED_FOR).iter().count(), 1);
     }
 

@@ -78,9 +78,7 @@ impl ConnPool {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         while let Some(c) = idle.pop() {
-            if now.duration_since(c.since) < self.settings.keepalive_timeout
-                && c.conn.is_reusable_idle()
-            {
+            if now.duration_since(c.since) < self.settings.keepalive_timeout && c.conn.is_reusable_idle() {
                 return Some(c.conn);
             }
         }
@@ -93,13 +91,10 @@ impl ConnPool {
     }
 
     async fn connect(&self) -> Result<Conn, SendError> {
-        let stream = tokio::time::timeout(
-            self.settings.connect_timeout,
-            TcpStream::connect(&self.address),
-        )
-        .await
-        .map_err(|_| SendError::ConnectTimeout)?
-        .map_err(SendError::Connect)?;
+        let stream = tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(&self.address))
+            .await
+            .map_err(|_| SendError::ConnectTimeout)?
+            .map_err(SendError::Connect)?;
         let _ = stream.set_nodelay(true);
         Ok(Conn::new(stream))
     }

@@ -124,9 +124,7 @@ async fn forward(
     // Origin-form: the pool already holds a connection to the target.
     parts.uri = Uri::from(pq);
     if !route.preserve_host {
-        parts
-            .headers
-            .insert(header::HOST, target.host_header.clone());
+        parts.headers.insert(header::HOST, target.host_header.clone());
     } else if let (false, Some(h)) = (parts.headers.contains_key(header::HOST), &ctx.host) {
         // HTTP/2 clients send :authority instead of Host.
         parts.headers.insert(header::HOST, h.clone());
@@ -159,9 +157,7 @@ async fn forward(
     let (mut rparts, rbody) = resp.into_parts();
     strip_hop_by_hop(&mut rparts.headers);
     rparts.headers.insert(&X_REQUEST_ID, ctx.request_id.clone());
-    rparts
-        .headers
-        .append(header::VIA, via_value(Version::HTTP_11));
+    rparts.headers.append(header::VIA, via_value(Version::HTTP_11));
     for f in &engine.filters {
         f.response_headers(ctx, &mut rparts);
     }
@@ -266,9 +262,8 @@ fn upstream_path_and_query(
         s.push('?');
         s.push_str(q);
     }
-    PathAndQuery::try_from(s).map_err(|e| {
-        GatewayError::new(ErrorKind::BadRequest, format!("invalid upstream path: {e}"))
-    })
+    PathAndQuery::try_from(s)
+        .map_err(|e| GatewayError::new(ErrorKind::BadRequest, format!("invalid upstream path: {e}")))
 }
 
 fn upstream_error(e: &SendError, target: &str) -> GatewayError {
@@ -284,10 +279,9 @@ fn upstream_error(e: &SendError, target: &str) -> GatewayError {
         SendError::Exchange(ExchangeError::Body(BodyError::TooLarge)) => {
             GatewayError::new(ErrorKind::BodyTooLarge, "request body is above the limit")
         }
-        SendError::Exchange(ExchangeError::Body(BodyError::Malformed(m))) => GatewayError::new(
-            ErrorKind::BadRequest,
-            format!("malformed request body: {m}"),
-        ),
+        SendError::Exchange(ExchangeError::Body(BodyError::Malformed(m))) => {
+            GatewayError::new(ErrorKind::BadRequest, format!("malformed request body: {m}"))
+        }
         SendError::Exchange(e) => GatewayError::new(
             ErrorKind::UpstreamUnreachable,
             format!("lost the connection to upstream {target}: {e}"),

@@ -67,11 +67,7 @@ impl Route {
             return false;
         }
         for (name, m) in &self.headers {
-            if !headers
-                .get_all(name)
-                .iter()
-                .any(|v| m.matches(v.as_bytes()))
-            {
+            if !headers.get_all(name).iter().any(|v| m.matches(v.as_bytes())) {
                 return false;
             }
         }
@@ -314,13 +310,7 @@ impl Router {
         Ok(router)
     }
 
-    fn add(
-        &mut self,
-        i: usize,
-        rc: &RouteConfig,
-        route: &Arc<Route>,
-        problems: &mut Vec<ConfigProblem>,
-    ) {
+    fn add(&mut self, i: usize, rc: &RouteConfig, route: &Arc<Route>, problems: &mut Vec<ConfigProblem>) {
         if rc.hosts.is_empty() {
             for (p, path) in rc.paths.iter().enumerate() {
                 insert_path(&mut self.any, i, p, path, route, problems);
@@ -330,14 +320,10 @@ impl Router {
         for (h, host) in rc.hosts.iter().enumerate() {
             let host = host.to_ascii_lowercase();
             let table = match host.strip_prefix('*') {
-                Some(suffix)
-                    if suffix.len() >= 2 && suffix.starts_with('.') && !suffix.contains('*') =>
-                {
+                Some(suffix) if suffix.len() >= 2 && suffix.starts_with('.') && !suffix.contains('*') => {
                     self.wildcard.entry(suffix.to_string()).or_default()
                 }
-                None if !host.contains('*') && !host.is_empty() => {
-                    self.exact.entry(host).or_default()
-                }
+                None if !host.contains('*') && !host.is_empty() => self.exact.entry(host).or_default(),
                 _ => {
                     problems.push(ConfigProblem::new(
                         format!("routes[{i}].hosts[{h}]"),
@@ -418,11 +404,7 @@ impl Router {
                     .iter()
                     .map(|(n, m)| format!("header {n}{}", m.describe()))
                     .collect();
-                predicates.extend(
-                    r.query
-                        .iter()
-                        .map(|(n, m)| format!("query {n}{}", m.describe())),
-                );
+                predicates.extend(r.query.iter().map(|(n, m)| format!("query {n}{}", m.describe())));
                 rows.push(TableRow {
                     host: host.clone(),
                     path: pattern,
@@ -529,11 +511,7 @@ fn insert_path(
 /// The regex crate's errors draw a caret diagram over several lines; keep the reason.
 fn regex_reason(e: &regex::Error) -> String {
     let text = e.to_string();
-    let last = text
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("");
+    let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
     last.trim().trim_start_matches("error: ").to_string()
 }
 
@@ -555,10 +533,7 @@ fn compile_matchers(
                     format!("invalid regex: {}", regex_reason(&e)),
                 )),
             },
-            _ => problems.push(ConfigProblem::new(
-                at,
-                "give exactly one of 'value' or 'regex'",
-            )),
+            _ => problems.push(ConfigProblem::new(at, "give exactly one of 'value' or 'regex'")),
         }
     }
     out
@@ -612,10 +587,7 @@ fn compile_route(
         }
     }
     let query = compile_matchers("query", i, &rc.query, &mut problems);
-    let rewrite = rc
-        .rewrite
-        .as_deref()
-        .map(|t| parse_rewrite(t, i, &mut problems));
+    let rewrite = rc.rewrite.as_deref().map(|t| parse_rewrite(t, i, &mut problems));
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -717,8 +689,7 @@ mod tests {
             query: q.query.as_deref(),
             headers: &q.headers,
         };
-        r.lookup(&head)
-            .map(|m| (m.route.name.clone(), m.upstream_path))
+        r.lookup(&head).map(|m| (m.route.name.clone(), m.upstream_path))
     }
 
     fn name(r: &Router, q: &Req) -> Option<String> {
@@ -744,14 +715,8 @@ mod tests {
             name(&r, &req("GET", None, "/users/7/other")).as_deref(),
             Some("all")
         );
-        assert_eq!(
-            name(&r, &req("GET", None, "/users")).as_deref(),
-            Some("all")
-        );
-        assert_eq!(
-            name(&r, &req("GET", None, "/users/")).as_deref(),
-            Some("all")
-        );
+        assert_eq!(name(&r, &req("GET", None, "/users")).as_deref(), Some("all"));
+        assert_eq!(name(&r, &req("GET", None, "/users/")).as_deref(), Some("all"));
         assert_eq!(name(&r, &req("GET", None, "/usersx")), None);
     }
 
@@ -834,18 +799,12 @@ mod tests {
         assert_eq!(name(&r, &r_req).as_deref(), Some("q"));
         r_req.query = None;
         assert_eq!(name(&r, &r_req).as_deref(), Some("plain"));
-        r_req
-            .headers
-            .insert("x-env", HeaderValue::from_static("prod"));
+        r_req.headers.insert("x-env", HeaderValue::from_static("prod"));
         assert_eq!(name(&r, &r_req).as_deref(), Some("hdr"));
         r_req.headers.clear();
-        r_req
-            .headers
-            .insert("x-ver", HeaderValue::from_static("v2"));
+        r_req.headers.insert("x-ver", HeaderValue::from_static("v2"));
         assert_eq!(name(&r, &r_req).as_deref(), Some("re"));
-        r_req
-            .headers
-            .insert("x-ver", HeaderValue::from_static("v3"));
+        r_req.headers.insert("x-ver", HeaderValue::from_static("v3"));
         assert_eq!(name(&r, &r_req).as_deref(), Some("plain"));
         r_req.query = Some("debug=2".into());
         assert_eq!(name(&r, &r_req).as_deref(), Some("prio"));
@@ -872,11 +831,7 @@ mod tests {
         let r = router(serde_json::json!({"upstreams": up(), "routes": [
             {"name": "root", "paths": ["/*"], "upstream": "u"}]}));
         for p in ["/", "/a", "/a/b/c", "/16k"] {
-            assert_eq!(
-                name(&r, &req("GET", None, p)).as_deref(),
-                Some("root"),
-                "{p}"
-            );
+            assert_eq!(name(&r, &req("GET", None, p)).as_deref(), Some("root"), "{p}");
         }
     }
 

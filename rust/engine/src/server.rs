@@ -23,8 +23,7 @@ pub fn log_event(level: &str, event: &str, fields: serde_json::Value) {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0);
-    let mut line =
-        serde_json::json!({"ts": ts, "level": level, "event": event, "pid": std::process::id()});
+    let mut line = serde_json::json!({"ts": ts, "level": level, "event": event, "pid": std::process::id()});
     if let (Some(obj), serde_json::Value::Object(extra)) = (line.as_object_mut(), fields) {
         obj.extend(extra);
     }
@@ -41,12 +40,7 @@ fn read_config(path: &Path) -> Result<String, String> {
 
 fn build_engine(text: &str, previous: Option<&Engine>) -> Result<Engine, String> {
     let cfg = GatewayConfig::from_json(text)?;
-    Engine::build(&cfg, previous).map_err(|p| {
-        p.iter()
-            .map(|p| p.to_string())
-            .collect::<Vec<_>>()
-            .join("; ")
-    })
+    Engine::build(&cfg, previous).map_err(|p| p.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))
 }
 
 /// Apply the config file if it changed since `applied` (the text in force).
@@ -58,11 +52,7 @@ fn reload(worker: &Worker, path: &Path, worker_id: usize, applied: &mut String) 
         let engine = build_engine(&text, Some(&worker.engine.load_full()))?;
         worker.engine.store(Arc::new(engine));
         *applied = text;
-        log_event(
-            "info",
-            "config_applied",
-            serde_json::json!({"worker": worker_id}),
-        );
+        log_event("info", "config_applied", serde_json::json!({"worker": worker_id}));
         Ok(())
     });
     if let Err(e) = result {
@@ -85,8 +75,7 @@ fn die_with_parent() {
 fn listener_from_fd(fd: RawFd) -> Result<TcpListener, String> {
     // SAFETY: the master passed this descriptor to us as a listening TCP socket we now own.
     let std = unsafe { std::net::TcpListener::from_raw_fd(fd) };
-    std.set_nonblocking(true)
-        .map_err(|e| format!("fd {fd}: {e}"))?;
+    std.set_nonblocking(true).map_err(|e| format!("fd {fd}: {e}"))?;
     TcpListener::from_std(std).map_err(|e| format!("fd {fd}: {e}"))
 }
 
@@ -127,11 +116,7 @@ pub fn serve(fds: &[RawFd], config_path: &Path, worker_id: usize) -> Result<(), 
         }
         let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
         let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
-        log_event(
-            "info",
-            "worker_started",
-            serde_json::json!({"worker": worker_id}),
-        );
+        log_event("info", "worker_started", serde_json::json!({"worker": worker_id}));
         // A reload that landed between reading the config and installing the SIGHUP
         // handler would otherwise be missed: look at the file once more.
         reload(&worker, config_path, worker_id, &mut applied);
@@ -152,9 +137,7 @@ pub fn serve(fds: &[RawFd], config_path: &Path, worker_id: usize) -> Result<(), 
         let graceful = Arc::try_unwrap(graceful)
             .map_err(|_| "accept loops still hold the shutdown handle".to_string())?;
         let open = graceful.count();
-        let drained = tokio::time::timeout(grace, graceful.shutdown())
-            .await
-            .is_ok();
+        let drained = tokio::time::timeout(grace, graceful.shutdown()).await.is_ok();
         log_event(
             "info",
             "worker_stopped",
@@ -194,9 +177,7 @@ async fn accept_loop(
             let worker = worker.clone();
             let client_ip = client_ip.clone();
             let ambiguity = record.next_request();
-            async move {
-                Ok::<_, Infallible>(proxy::handle(&worker, req, peer, client_ip, ambiguity).await)
-            }
+            async move { Ok::<_, Infallible>(proxy::handle(&worker, req, peer, client_ip, ambiguity).await) }
         });
         let conn = builder.serve_connection(io, svc).into_owned();
         let conn = graceful.watch(conn);

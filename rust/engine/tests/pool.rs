@@ -29,8 +29,7 @@ async fn upstream(per_conn: usize) -> (String, Arc<AtomicUsize>) {
                     async move {
                         let mut resp = http::Response::new(Full::new(Bytes::from_static(b"ok")));
                         if n >= per_conn {
-                            resp.headers_mut()
-                                .insert("connection", "close".parse().unwrap());
+                            resp.headers_mut().insert("connection", "close".parse().unwrap());
                         }
                         Ok::<_, Infallible>(resp)
                     }
@@ -47,6 +46,12 @@ async fn upstream(per_conn: usize) -> (String, Arc<AtomicUsize>) {
 /// A request whose body is empty, built the way the proxy builds one: from a client's
 /// `Incoming` body (a real hyper client posts into a throwaway server to get one).
 async fn empty_request(addr: &str) -> http::Request<RequestBody> {
+    request_with_body(addr, Bytes::new()).await
+}
+
+/// A request whose body streams from a real client: a hyper client posts `body` to a
+/// throwaway server, whose `Incoming` body becomes the request body here.
+async fn request_with_body(addr: &str, body: Bytes) -> http::Request<RequestBody> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let local = listener.local_addr().unwrap();
@@ -57,7 +62,11 @@ async fn empty_request(addr: &str) -> http::Request<RequestBody> {
             if let Some(tx) = tx.lock().unwrap().take() {
                 let _ = tx.send(req);
             }
-            async { Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::new()))) }
+            // Never answer: the throwaway server must keep reading the body for us.
+            async {
+                std::future::pending::<()>().await;
+                Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::new())))
+            }
         });
         let _ = hyper::server::conn::http1::Builder::new()
             .serve_connection(TokioIo::new(stream), svc)
@@ -68,7 +77,7 @@ async fn empty_request(addr: &str) -> http::Request<RequestBody> {
         .await
         .unwrap();
     tokio::spawn(conn);
-    let send = sender.send_request(http::Request::new(Full::new(Bytes::new())));
+    let send = sender.send_request(http::Request::post("/").body(Full::new(body)).unwrap());
     tokio::spawn(send);
     let incoming = rx.await.unwrap();
     let (mut parts, body) = incoming.into_parts();
@@ -157,4 +166,72 @@ async fn connect_refused_is_a_connect_error() {
     let pool = ConnPool::new(&addr, settings());
     let err = get(&pool, &addr).await.err().unwrap();
     assert!(matches!(err, SendError::Connect(_)), "{err:?}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_upstream_that_answers_before_reading_the_body_is_heard() {
+    // Reads only the head, answers 413 and then neither reads nor closes.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf).await;
+        s.write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 4\r\n\r\nbig!")
+            .await
+            .unwrap();
+        std::future::pending::<()>().await;
+        drop(s);
+    });
+    let pool = ConnPool::new(&addr, settings());
+    let (parts, mut body) = request_with_body(&addr, Bytes::from(vec![b'x'; 8 << 20]))
+        .await
+        .into_parts();
+    let resp = tokio::time::timeout(Duration::from_secs(5), pool.send(&parts, &mut body))
+        .await
+        .expect("the early answer arrives, no deadlock")
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "big!");
+    assert_eq!(
+        pool.idle_count(),
+        0,
+        "a connection with half a request on it is not reused"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_streamed_body_arrives_whole() {
+    // Echo server: answers with the number of body bytes it read.
+    let (tx, rx) = tokio::sync::oneshot::channel::<usize>();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let tx = std::sync::Mutex::new(Some(tx));
+        let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let tx = tx.lock().unwrap().take();
+            async move {
+                let n = req.into_body().collect().await.unwrap().to_bytes().len();
+                if let Some(tx) = tx {
+                    let _ = tx.send(n);
+                }
+                Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(n.to_string()))))
+            }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), svc)
+            .await;
+    });
+    let pool = ConnPool::new(&addr, settings());
+    let (parts, mut body) = request_with_body(&addr, Bytes::from(vec![7u8; 3 << 20]))
+        .await
+        .into_parts();
+    let resp = pool.send(&parts, &mut body).await.unwrap();
+    assert_eq!(
+        resp.into_body().collect().await.unwrap().to_bytes(),
+        (3 << 20).to_string()
+    );
+    assert_eq!(rx.await.unwrap(), 3 << 20);
 }

@@ -22,14 +22,8 @@ fn check_config(config_json: &str) -> Vec<(String, String)> {
 #[pyfunction]
 fn route_table<'py>(py: Python<'py>, config_json: &str) -> PyResult<Vec<Bound<'py, PyDict>>> {
     let cfg = GatewayConfig::from_json(config_json).map_err(PyValueError::new_err)?;
-    let engine = Engine::build(&cfg, None).map_err(|p| {
-        PyValueError::new_err(
-            p.iter()
-                .map(|p| p.to_string())
-                .collect::<Vec<_>>()
-                .join("\n"),
-        )
-    })?;
+    let engine = Engine::build(&cfg, None)
+        .map_err(|p| PyValueError::new_err(p.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n")))?;
     table_rows(py, &engine.router)
 }
 
@@ -54,12 +48,7 @@ fn table_rows<'py>(py: Python<'py>, router: &Router) -> PyResult<Vec<Bound<'py, 
 
 /// Run one worker on the given listening sockets until SIGTERM (GIL released).
 #[pyfunction]
-fn serve(
-    py: Python<'_>,
-    listen_fds: Vec<i32>,
-    config_path: PathBuf,
-    worker_id: usize,
-) -> PyResult<()> {
+fn serve(py: Python<'_>, listen_fds: Vec<i32>, config_path: PathBuf, worker_id: usize) -> PyResult<()> {
     py.detach(|| server::serve(&listen_fds, &config_path, worker_id))
         .map_err(PyRuntimeError::new_err)
 }
