@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -111,3 +112,21 @@ def test_sigterm_stops_accepting_new_connections(
         pass
     else:
         raise AssertionError("a new connection was accepted after the master exited")
+
+
+def test_sigterm_does_not_wait_for_connections_that_never_sent_a_request(
+    gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    gw = start(gateway, upstream, grace_period="30s")
+    assert gw.get("/ok").status_code == 200
+    host, port = gw.url.removeprefix("http://").rsplit(":", 1)
+    silent = socket.create_connection((host, int(port)), timeout=5)
+    try:
+        time.sleep(0.2)  # accepted by a worker, which is now waiting for its first bytes
+        t0 = time.monotonic()
+        gw.signal(signal.SIGTERM)
+        assert gw.proc is not None
+        assert gw.proc.wait(timeout=20) == 0
+        assert time.monotonic() - t0 < 10, "shutdown waited on a silent connection"
+    finally:
+        silent.close()

@@ -9,13 +9,15 @@ use crate::proxy::{self, Worker};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
 
 /// One structured event line on stderr; the master collects workers' stderr.
 pub fn log_event(level: &str, event: &str, fields: serde_json::Value) {
@@ -79,16 +81,40 @@ fn listener_from_fd(fd: RawFd) -> Result<TcpListener, String> {
     TcpListener::from_std(std).map_err(|e| format!("fd {fd}: {e}"))
 }
 
-fn http_builder(engine: &Engine) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(engine.client_idle)
-        .max_buf_size(engine.limits.max_header_bytes.max(8192));
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(engine.limits.max_header_bytes.min(u32::MAX as usize) as u32);
-    b
+/// How connections are served, set up once per worker from the config it started with.
+struct Protocols {
+    h1: hyper::server::conn::http1::Builder,
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    /// For the rare connection whose first bytes do not tell (see `serve_connection`).
+    auto: auto::Builder<TokioExecutor>,
+    max_head: usize,
+}
+
+impl Protocols {
+    fn new(engine: &Engine) -> Self {
+        let max_head = engine.limits.max_header_bytes.max(8192);
+        let h2_headers = engine.limits.max_header_bytes.min(u32::MAX as usize) as u32;
+        let mut h1 = hyper::server::conn::http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(engine.client_idle)
+            .max_buf_size(max_head);
+        let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new()).max_header_list_size(h2_headers);
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        auto.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(engine.client_idle)
+            .max_buf_size(max_head);
+        auto.http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(h2_headers);
+        Protocols {
+            h1,
+            h2,
+            auto,
+            max_head,
+        }
+    }
 }
 
 /// Run a worker until SIGTERM. Blocks the calling thread.
@@ -101,17 +127,19 @@ pub fn serve(fds: &[RawFd], config_path: &Path, worker_id: usize) -> Result<(), 
     rt.block_on(async {
         let mut applied = read_config(config_path)?;
         let engine = build_engine(&applied, None)?;
-        let builder = http_builder(&engine);
+        let protocols = Arc::new(Protocols::new(&engine));
         let worker = Arc::new(Worker::new(engine));
         let graceful = Arc::new(GracefulShutdown::new());
+        let (stopping, stopping_rx) = watch::channel(false);
         let mut accepting = Vec::new();
         for &fd in fds {
             let listener = listener_from_fd(fd)?;
             accepting.push(tokio::spawn(accept_loop(
                 listener,
                 worker.clone(),
-                builder.clone(),
+                protocols.clone(),
                 graceful.clone(),
+                stopping_rx.clone(),
             )));
         }
         let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
@@ -133,6 +161,7 @@ pub fn serve(fds: &[RawFd], config_path: &Path, worker_id: usize) -> Result<(), 
         for task in accepting {
             let _ = task.await;
         }
+        let _ = stopping.send(true);
         let grace = worker.engine.load().grace_period;
         let graceful = Arc::try_unwrap(graceful)
             .map_err(|_| "accept loops still hold the shutdown handle".to_string())?;
@@ -150,8 +179,9 @@ pub fn serve(fds: &[RawFd], config_path: &Path, worker_id: usize) -> Result<(), 
 async fn accept_loop(
     listener: TcpListener,
     worker: Arc<Worker>,
-    builder: auto::Builder<TokioExecutor>,
+    protocols: Arc<Protocols>,
     graceful: Arc<GracefulShutdown>,
+    stopping: watch::Receiver<bool>,
 ) {
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -168,21 +198,62 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let max_head = worker.engine.load().limits.max_header_bytes.max(8192);
-        let record = FramingRecord::new();
-        let io = TokioIo::new(FramingGuard::new(stream, max_head, record.clone()));
-        let worker = worker.clone();
-        let client_ip = client_ip_value(&peer);
-        let svc = service_fn(move |req| {
+        tokio::spawn(serve_connection(
+            stream,
+            peer,
+            worker.clone(),
+            protocols.clone(),
+            graceful.watcher(),
+            stopping.clone(),
+        ));
+    }
+}
+
+/// Serve one client connection: HTTP/2 when it opens with the HTTP/2 preface (h2c with
+/// prior knowledge), HTTP/1.1 otherwise. Peeking at the first bytes costs one syscall
+/// per connection; hyper-util's auto-detection instead wraps every read of the
+/// connection's life, which profiling showed on the per-request path.
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    worker: Arc<Worker>,
+    protocols: Arc<Protocols>,
+    watcher: Watcher,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let mut probe = [0u8; 3];
+    // The watcher holds up shutdown until this task ends: a client that connects and sends
+    // nothing must not keep the worker waiting for the grace period.
+    let peeked = tokio::select! {
+        peeked = stream.peek(&mut probe) => peeked,
+        _ = stopping.changed() => return,
+    };
+    let n = match peeked {
+        Ok(0) | Err(_) => return,
+        Ok(n) => n,
+    };
+    let client_ip = client_ip_value(&peer);
+    let record = FramingRecord::new();
+    let svc = {
+        let record = record.clone();
+        service_fn(move |req| {
             let worker = worker.clone();
             let client_ip = client_ip.clone();
             let ambiguity = record.next_request();
             async move { Ok::<_, Infallible>(proxy::handle(&worker, req, peer, client_ip, ambiguity).await) }
-        });
-        let conn = builder.serve_connection(io, svc).into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        })
+    };
+    if n == 3 && probe == *b"PRI" {
+        let _ = watcher
+            .watch(protocols.h2.serve_connection(TokioIo::new(stream), svc))
+            .await;
+        return;
+    }
+    let io = TokioIo::new(FramingGuard::new(stream, protocols.max_head, record));
+    if b"PRI".starts_with(&probe[..n]) {
+        // Too few bytes yet to tell "PRI" from "POST" or "PUT": let hyper-util decide.
+        let _ = watcher.watch(protocols.auto.serve_connection(io, svc)).await;
+    } else {
+        let _ = watcher.watch(protocols.h1.serve_connection(io, svc)).await;
     }
 }
