@@ -177,42 +177,28 @@ impl<IO> FramingGuard<IO> {
         }
     }
 
-    /// Parse a head at the start of `buf`; returns its length, or None if incomplete.
+    /// Read a head at the start of `buf`; returns its length, or None if incomplete.
+    ///
+    /// Only line boundaries and two header names matter here, so this is a line scan, not
+    /// a parse (hyper parses, and refuses what is malformed; this guard then stops, see
+    /// `Scan::Refused`). A full httparse pass cost more than the rest of the guard.
     fn head(&mut self, buf: &[u8]) -> Option<usize> {
-        // Uninitialized slots: zeroing 128 headers per request cost more than the parse.
-        let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; 128];
-        let mut req = httparse::Request::new(&mut []);
-        let len = match req.parse_with_uninit_headers(buf, &mut headers) {
-            Ok(httparse::Status::Complete(n)) => n,
-            Ok(httparse::Status::Partial) => return None,
-            Err(_) => {
-                self.state = State::Off; // hyper refuses it on its own
+        let scan = match scan_head(buf) {
+            Scan::Partial => return None,
+            Scan::Refused => {
+                self.state = State::Off;
                 return Some(buf.len());
             }
+            Scan::Head(s) => s,
         };
-        if req.method == Some("PRI") {
+        if scan.preface {
             self.state = State::Off; // the HTTP/2 connection preface
             return Some(buf.len());
         }
+        let (len, lengths, length, te, chunked) =
+            (scan.len, scan.lengths, scan.length, scan.te, scan.chunked);
         let index = self.heads;
         self.heads += 1;
-        let mut lengths = 0;
-        let mut length = 0u64;
-        let mut chunked = false;
-        let mut te = false;
-        for h in req.headers.iter() {
-            if h.name.eq_ignore_ascii_case("content-length") {
-                lengths += 1;
-                length = std::str::from_utf8(h.value)
-                    .ok()
-                    .and_then(|v| v.trim().parse().ok())
-                    .unwrap_or(0);
-            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                te = true;
-                let v = h.value.trim_ascii_end();
-                chunked = v.len() >= 7 && v[v.len() - 7..].eq_ignore_ascii_case(b"chunked");
-            }
-        }
         let verdict = match (lengths, te) {
             (n, true) if n > 0 => Some(Ambiguity::ContentLengthAndTransferEncoding),
             (n, _) if n > 1 => Some(Ambiguity::DuplicateContentLength),
@@ -237,6 +223,72 @@ impl<IO> FramingGuard<IO> {
         };
         Some(len)
     }
+}
+
+enum Scan {
+    Partial,
+    /// Not a head hyper would accept: it answers 400 itself.
+    Refused,
+    Head(HeadScan),
+}
+
+struct HeadScan {
+    len: usize,
+    preface: bool,
+    lengths: usize,
+    length: u64,
+    te: bool,
+    chunked: bool,
+}
+
+fn starts_with_ignore_case(line: &[u8], prefix: &[u8]) -> bool {
+    line.len() >= prefix.len() && line[..prefix.len()].eq_ignore_ascii_case(prefix)
+}
+
+/// Find the end of a request head (an empty line; CRLF or bare LF, as httparse accepts)
+/// and note its Content-Length and Transfer-Encoding fields.
+fn scan_head(buf: &[u8]) -> Scan {
+    let mut scan = HeadScan {
+        len: 0,
+        preface: buf.starts_with(b"PRI "),
+        lengths: 0,
+        length: 0,
+        te: false,
+        chunked: false,
+    };
+    let mut pos = 0;
+    let mut first = true;
+    while let Some(nl) = memchr::memchr(b'\n', &buf[pos..]) {
+        let line = &buf[pos..pos + nl];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        pos += nl + 1;
+        if first {
+            first = false;
+            continue; // the request line
+        }
+        if line.is_empty() {
+            scan.len = pos;
+            return Scan::Head(scan);
+        }
+        if matches!(line[0], b' ' | b'\t') {
+            return Scan::Refused; // obsolete line folding
+        }
+        let Some(colon) = memchr::memchr(b':', line) else {
+            return Scan::Refused;
+        };
+        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+        if name.len() == 14 && starts_with_ignore_case(name, b"content-length") {
+            scan.lengths += 1;
+            scan.length = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+        } else if name.len() == 17 && starts_with_ignore_case(name, b"transfer-encoding") {
+            scan.te = true;
+            scan.chunked = value.len() >= 7 && value[value.len() - 7..].eq_ignore_ascii_case(b"chunked");
+        }
+    }
+    Scan::Partial
 }
 
 fn chunk_step(c: Chunk, b: u8) -> State {
@@ -386,6 +438,16 @@ mod tests {
         let s: &[u8] = b"POST / HTTP/1.1\r\nContent-Le";
         let t: &[u8] = b"ngth: 2\r\nContent-Length: 2\r\n\r\nhi";
         assert_eq!(verdicts(&[s, t]), vec![Some(Ambiguity::DuplicateContentLength)]);
+    }
+
+    #[test]
+    fn bare_lf_heads_are_read_and_folded_lines_stop_the_guard() {
+        let lf: &[u8] = b"POST / HTTP/1.1\nContent-Length: 1\ncontent-length: 1\n\nx";
+        assert_eq!(verdicts(&[lf]), vec![Some(Ambiguity::DuplicateContentLength)]);
+        let record = FramingRecord::new();
+        let mut g = FramingGuard::new((), 16384, record);
+        g.observe(b"GET / HTTP/1.1\r\nX-A: 1\r\n  folded\r\n\r\n");
+        assert_eq!(g.state, State::Off);
     }
 
     #[test]
