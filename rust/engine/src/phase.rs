@@ -15,7 +15,6 @@ use crate::router::Route;
 use http::{request, response, HeaderValue};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 /// What a request carries through its phases; created once, passed to every hook.
 pub struct RequestCtx {
@@ -24,7 +23,6 @@ pub struct RequestCtx {
     /// The client's IP as a header value (IPv4-mapped IPv6 shown as IPv4), formatted once
     /// per connection.
     pub client_ip: HeaderValue,
-    pub started: Instant,
     /// Set by the route phase.
     pub route: Option<Arc<Route>>,
     /// The host the client asked for (Host, or :authority on HTTP/2), as it sent it.

@@ -20,7 +20,6 @@ use http::{header, request, HeaderMap, HeaderValue, Request, Response, Uri, Vers
 use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
 use std::net::SocketAddr;
-use std::time::Instant;
 
 /// The body a client gets; the guard frees the target's in-flight slot when it is done.
 pub type ProxyBody = ResponseBody<InflightGuard>;
@@ -56,7 +55,6 @@ pub async fn handle(
         request_id,
         client,
         client_ip,
-        started: Instant::now(),
         route: None,
         host: None,
         scheme: "http",

@@ -267,7 +267,6 @@ pub struct Router {
     /// Keyed by the suffix after `*`, e.g. `.example.com`.
     wildcard: HashMap<String, PathTable>,
     any: PathTable,
-    routes: Vec<Arc<Route>>,
 }
 
 /// One row of the compiled table, for `ferrogate routes`.
@@ -296,7 +295,6 @@ impl Router {
                 Ok(route) => {
                     let route = Arc::new(route);
                     router.add(i, rc, &route, &mut problems);
-                    router.routes.push(route);
                 }
                 Err(mut p) => problems.append(&mut p),
             }
@@ -359,10 +357,6 @@ impl Router {
             }
         }
         self.any.lookup(req)
-    }
-
-    pub fn routes(&self) -> &[Arc<Route>] {
-        &self.routes
     }
 
     /// The table in precedence order: exact hosts (sorted), wildcard hosts (longest
