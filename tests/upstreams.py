@@ -115,6 +115,19 @@ class _Handler(BaseHTTPRequestHandler):
         crc = 0
         total = 0
         head = bytearray()
+
+        def consume(left: int) -> None:
+            nonlocal crc, total
+            while left:
+                data = self.rfile.read(min(left, 1 << 20))
+                if not data:
+                    raise ConnectionError("eof in body")
+                left -= len(data)
+                total += len(data)
+                crc = zlib.crc32(data, crc)
+                if len(head) < 65536:
+                    head.extend(data[: 65536 - len(head)])
+
         te = (self.headers.get("Transfer-Encoding") or "").lower()
         if "chunked" in te:
             rec.chunked = True
@@ -130,28 +143,10 @@ class _Handler(BaseHTTPRequestHandler):
                         if t in (b"\r\n", b"\n", b""):
                             break
                     break
-                left = size
-                while left:
-                    data = self.rfile.read(min(left, 1 << 20))
-                    if not data:
-                        raise ConnectionError("eof in chunk")
-                    left -= len(data)
-                    total += len(data)
-                    crc = zlib.crc32(data, crc)
-                    if len(head) < 65536:
-                        head += data[: 65536 - len(head)]
+                consume(size)
                 self.rfile.readline(3)
         else:
-            left = int(self.headers.get("Content-Length") or 0)
-            while left:
-                data = self.rfile.read(min(left, 1 << 20))
-                if not data:
-                    raise ConnectionError("eof in body")
-                left -= len(data)
-                total += len(data)
-                crc = zlib.crc32(data, crc)
-                if len(head) < 65536:
-                    head += data[: 65536 - len(head)]
+            consume(int(self.headers.get("Content-Length") or 0))
         rec.body_len = total
         rec.body_crc = crc
         rec.body_head = bytes(head)

@@ -435,7 +435,7 @@ fn decode_chunk(buf: &mut BytesMut, state: &mut Chunk, done: &mut bool) -> Resul
     loop {
         match *state {
             Chunk::Size => {
-                let Some(eol) = memchr_nl(buf) else {
+                let Some(eol) = memchr::memchr(b'\n', buf) else {
                     return if buf.len() > 1024 {
                         Err(bad("size line too long"))
                     } else {
@@ -472,7 +472,7 @@ fn decode_chunk(buf: &mut BytesMut, state: &mut Chunk, done: &mut bool) -> Resul
                 return Ok(Some(data));
             }
             Chunk::DataEnd => {
-                let Some(eol) = memchr_nl(buf) else {
+                let Some(eol) = memchr::memchr(b'\n', buf) else {
                     return if buf.len() > 2 {
                         Err(bad("missing CRLF after data"))
                     } else {
@@ -487,7 +487,7 @@ fn decode_chunk(buf: &mut BytesMut, state: &mut Chunk, done: &mut bool) -> Resul
             }
             Chunk::Trailers => {
                 // Trailer fields are not forwarded (yet); skip them up to the empty line.
-                let Some(eol) = memchr_nl(buf) else {
+                let Some(eol) = memchr::memchr(b'\n', buf) else {
                     return if buf.len() > MAX_HEAD {
                         Err(bad("trailers too large"))
                     } else {
@@ -503,10 +503,6 @@ fn decode_chunk(buf: &mut BytesMut, state: &mut Chunk, done: &mut bool) -> Resul
             }
         }
     }
-}
-
-fn memchr_nl(buf: &[u8]) -> Option<usize> {
-    buf.iter().position(|&b| b == b'\n')
 }
 
 /// Returns a connection whose response was read to the end; see `pool.rs`.
