@@ -1,5 +1,6 @@
 """ferrogate: an API gateway with a Rust data plane (``ferrogate._core``) and this Python
-control plane (config loading and validation, process supervision, the command line).
+control plane (config loading and validation, process supervision, the command line), plus
+the plugin SDK: ``Plugin``, ``Request``, ``Response``, ``Headers``, ``LogInfo``.
 """
 
 import importlib
@@ -16,14 +17,22 @@ if TYPE_CHECKING:
         normalize,
         normalized_json,
     )
+    from ferrogate.hooks import Headers, LogInfo, Params, Request, Response
+    from ferrogate.plugin import Plugin
 
 __version__: str
 
 __all__ = [
     "Config",
     "ConfigError",
+    "Headers",
     "LoadedConfig",
+    "LogInfo",
+    "Params",
+    "Plugin",
     "Problem",
+    "Request",
+    "Response",
     "__version__",
     "config_schema",
     "load_config",
@@ -33,7 +42,11 @@ __all__ = [
 
 # Exports are loaded on first use: every worker process imports this package, and a worker
 # replacing a dead one should not pay for YAML, msgspec and importlib.metadata.
-_LAZY = {name: "ferrogate.config" for name in __all__ if name != "__version__"}
+_LAZY = {
+    **{name: "ferrogate.config" for name in __all__ if name != "__version__"},
+    **{name: "ferrogate.hooks" for name in ("Headers", "LogInfo", "Params", "Request", "Response")},
+    "Plugin": "ferrogate.plugin",
+}
 
 
 def _version() -> str:

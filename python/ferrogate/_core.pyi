@@ -5,6 +5,8 @@ upstreams only (route URLs already turned into upstreams), durations as float se
 sizes as integer bytes, hash_on as an object.
 """
 
+from collections.abc import Callable
+
 __all__ = ["__version__", "check_config", "route_table", "serve", "serve_echo"]
 __version__: str
 
@@ -24,8 +26,16 @@ def route_table(config_json: str) -> list[dict[str, object]]:
     Raises ValueError if the config does not compile.
     """
 
-def serve(listen_fds: list[int], config_path: str, worker_id: int) -> None:
+def serve(
+    listen_fds: list[int],
+    config_path: str,
+    worker_id: int,
+    plugin_loader: Callable[[str], object] | None = None,
+) -> None:
     """Run one worker's proxy on already-listening sockets until SIGTERM; releases the GIL.
+
+    ``plugin_loader(config_json)`` returns the plugin host of a config generation (a
+    ``ferrogate.hooks.Host``, or None when no route has plugins).
 
     ``config_path`` is a normalized JSON config file. SIGHUP re-reads it and swaps the
     routing state atomically (in-flight requests finish on the old one). SIGTERM stops

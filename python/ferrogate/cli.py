@@ -1,4 +1,4 @@
-"""The ``ferrogate`` command: run, check, routes, schema, reload."""
+"""The ``ferrogate`` command: run, check, routes, plugins, schema, reload."""
 
 import argparse
 import contextlib
@@ -90,6 +90,10 @@ def _cmd_routes(args: argparse.Namespace) -> int:
         except ConfigError as e:
             _print_problems(e, sys.stderr)
             return 2
+    chains = {
+        r["name"]: [e["name"] for e in (r.get("plugins") or {}).get("entries", [])]
+        for r in loaded.normalized["routes"]
+    }
     rows = []
     for row in _core.route_table(loaded.json):
         methods = row["methods"]
@@ -105,10 +109,100 @@ def _cmd_routes(args: argparse.Namespace) -> int:
                 str(row["route"]),
                 str(row["upstream"]),
                 "-" if row["rewrite"] is None else str(row["rewrite"]),
+                " > ".join(chains.get(str(row["route"]), [])) or "-",
             ]
         )
-    header = ["HOST", "PATH", "METHODS", "PREDICATES", "PRIORITY", "ROUTE", "UPSTREAM", "REWRITE"]
+    header = [
+        "HOST",
+        "PATH",
+        "METHODS",
+        "PREDICATES",
+        "PRIORITY",
+        "ROUTE",
+        "UPSTREAM",
+        "REWRITE",
+        "PLUGINS (run order)",
+    ]
     print(_format_table(header, rows))
+    return 0
+
+
+def _field_lines(schema: dict[str, Any], defs: dict[str, Any], indent: str) -> list[str]:
+    """One line per config field: name, type, default, description."""
+    if "$ref" in schema:
+        schema = defs[schema["$ref"].rsplit("/", 1)[-1]]
+    props = schema.get("properties", {})
+    required = set(schema.get("required", []))
+    lines = []
+    for name, prop in props.items():
+        target = defs.get(prop.get("$ref", "").rsplit("/", 1)[-1], prop)
+        kind = target.get("type") or ("object" if "properties" in target else "any")
+        if "anyOf" in prop:
+            kind = " | ".join(str(a.get("type", "object")) for a in prop["anyOf"])
+        default = " (required)" if name in required else ""
+        if "default" in prop:
+            default = f" = {json.dumps(prop['default'])}"
+        text = prop.get("description") or target.get("description") or ""
+        lines.append(f"{indent}{name}: {kind}{default}" + (f"  {text}" if text else ""))
+    return lines
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from ferrogate.plugin_registry import discover
+
+    plugins_dir = args.plugins_dir
+    if plugins_dir is None and args.config is not None:
+        from ferrogate.config import ConfigError, load_config
+
+        try:
+            plugins_dir = load_config(args.config).normalized.get("plugins_dir")
+        except ConfigError as e:
+            _print_problems(e, sys.stderr)
+            return 2
+    registry = discover(plugins_dir)
+    specs = sorted(registry.plugins.values(), key=lambda s: s.name)
+    if args.names:
+        unknown = [n for n in args.names if n not in registry.plugins]
+        if unknown:
+            print(f"unknown plugin: {', '.join(unknown)}", file=sys.stderr)
+            return 2
+        specs = [registry.plugins[n] for n in args.names]
+    described = []
+    for spec in specs:
+        (schema,), defs = msgspec.json.schema_components([spec.config_type])
+        if "$ref" in schema:
+            # Inline the config's own object; nested types stay in $defs.
+            schema = defs.pop(schema["$ref"].rsplit("/", 1)[-1])
+        described.append((spec, schema, defs))
+    if args.json:
+        out = [
+            {
+                "name": spec.name,
+                "source": spec.source,
+                "priority": spec.priority,
+                "hooks": {h: ("async" if a else "sync") for h, a in spec.hooks.items()},
+                "description": spec.doc,
+                "config_schema": {**schema, "$defs": defs} if defs else schema,
+            }
+            for spec, schema, defs in described
+        ]
+        print(json.dumps(out, indent=2))
+    else:
+        for spec, schema, defs in described:
+            hooks = ", ".join(f"{h}{' (async)' if a else ''}" for h, a in spec.hooks.items())
+            print(f"{spec.name}  (priority {spec.priority}, {spec.source})")
+            if spec.doc:
+                print(f"  {spec.doc}")
+            print(f"  hooks: {hooks}")
+            fields = _field_lines(schema, defs, "    ")
+            print("  config:" if fields else "  config: none")
+            for line in fields:
+                print(line)
+            print()
+    for problem in [*registry.problems, *registry.warnings]:
+        print(f"warning: {problem}", file=sys.stderr)
     return 0
 
 
@@ -219,6 +313,15 @@ def _parser() -> argparse.ArgumentParser:
     routes = commands.add_parser("routes", help="print the compiled route table")
     routes.add_argument("-c", "--config", metavar="FILE", help="config file (default: quickstart)")
     routes.set_defaults(handler=_cmd_routes)
+
+    plugins = commands.add_parser(
+        "plugins", help="list the available plugins with their hooks and config schema"
+    )
+    plugins.add_argument("names", nargs="*", metavar="NAME", help="only these plugins")
+    plugins.add_argument("-c", "--config", metavar="FILE", help="include its plugins_dir")
+    plugins.add_argument("--plugins-dir", metavar="DIR", help="a directory of plugin files")
+    plugins.add_argument("--json", action="store_true", help="JSON, with full config schemas")
+    plugins.set_defaults(handler=_cmd_plugins)
 
     schema = commands.add_parser("schema", help="print the JSON Schema of the config file")
     schema.set_defaults(handler=_cmd_schema)

@@ -18,6 +18,8 @@ import msgspec
 from msgspec import Meta
 
 from ferrogate.addresses import join_host_port, looks_like_url, parse_upstream_url, split_host_port
+from ferrogate.plugin_config import Entry, chain_of, check_use
+from ferrogate.plugin_registry import Registry, discover
 from ferrogate.problems import ConfigError, DataPath, Problem, format_path
 from ferrogate.runtime_files import resolve_pid_file
 from ferrogate.structcheck import check_struct, did_you_mean, salvage
@@ -30,6 +32,7 @@ __all__ = [
     "Echo",
     "Limits",
     "LoadedConfig",
+    "PluginUse",
     "Predicate",
     "Problem",
     "Route",
@@ -148,6 +151,40 @@ class Predicate(_Section, kw_only=True, frozen=True):
     ] = None
 
 
+class PluginUse(_Section, kw_only=True, frozen=True):
+    """A plugin on a route (or on every route, at the top level) with its settings."""
+
+    name: Annotated[str, Meta(description="The plugin's name; `ferrogate plugins` lists them.")]
+    config: Annotated[
+        dict[str, Any], Meta(description="The plugin's settings (its own schema).")
+    ] = {}
+    enabled: Annotated[
+        bool, Meta(description="false on a route turns off a top-level plugin of that name.")
+    ] = True
+    priority: Annotated[
+        int | None, Meta(description="Overrides the plugin's priority; higher runs first.")
+    ] = None
+    timeout: Annotated[
+        Duration, Meta(description="How long an async hook may take; expiry gives 500.")
+    ] = 10.0
+    budget: Annotated[
+        Duration | None,
+        Meta(
+            description="Latency budget per hook call; exceeding it is logged (see on_over_budget)."
+        ),
+    ] = None
+    on_over_budget: Annotated[
+        Literal["log", "bypass", "fail"],
+        Meta(
+            description="log: only log | bypass: skip the plugin for bypass_for | "
+            "fail: the request gets 500."
+        ),
+    ] = "log"
+    bypass_for: Annotated[
+        Duration, Meta(description="With on_over_budget: bypass, how long to skip the plugin.")
+    ] = 30.0
+
+
 class Route(_Section, kw_only=True, frozen=True):
     """Requests matching every given condition are forwarded to `upstream`."""
 
@@ -194,6 +231,10 @@ class Route(_Section, kw_only=True, frozen=True):
     priority: Annotated[
         int, Meta(description="Higher wins among routes on the same path pattern.")
     ] = 0
+    plugins: Annotated[
+        list[PluginUse],
+        Meta(description="Plugins on this route, added to (or replacing) the top-level ones."),
+    ] = []
 
 
 class Config(_Section, kw_only=True, frozen=True):
@@ -230,6 +271,16 @@ class Config(_Section, kw_only=True, frozen=True):
         dict[str, Upstream], Meta(description="Named upstreams, referenced by routes.")
     ] = {}
     routes: Annotated[list[Route], Meta(description="The routing table.")]
+    plugins: Annotated[
+        list[PluginUse], Meta(description="Plugins on every route (a route may override one).")
+    ] = []
+    plugins_dir: Annotated[
+        str | None,
+        Meta(
+            description="A directory of plugin files (*.py), relative to the config file; "
+            "they are read again on reload."
+        ),
+    ] = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,10 +304,15 @@ class LoadedConfig:
 class _Normalizer:
     """Turns checked Structs into the normalized dict, reporting cross-field problems."""
 
-    def __init__(self, report: Callable[[DataPath, str], None]) -> None:
+    def __init__(
+        self, report: Callable[[DataPath, str], None], base_dir: Path | None = None
+    ) -> None:
         self.report = report
+        self.base_dir = base_dir if base_dir is not None else Path.cwd()
         # generated upstream name -> index of the route whose URL created it
         self.generated: dict[str, int] = {}
+        self.registry: Registry | None = None
+        self.top_plugins: list[Entry | None] = []
 
     def duration(self, value: float | str, path: DataPath) -> float:
         try:
@@ -303,6 +359,7 @@ class _Normalizer:
                     "upstreams made from route URLs",
                 )
             out_upstreams[name] = self.upstream(name, upstream, timeouts)
+        plugins_dir = self.plugins(cfg)
         out_routes: list[dict[str, Any]] = []
         names: dict[str, int] = {}
         for i, route in enumerate(cfg.routes):
@@ -326,7 +383,33 @@ class _Normalizer:
             "echo": echo,
             "upstreams": out_upstreams,
             "routes": out_routes,
+            "plugins_dir": plugins_dir,
         }
+
+    def plugins(self, cfg: Config) -> str | None:
+        """Discover plugins (when the config uses any) and check the top-level ones."""
+        plugins_dir = None
+        if cfg.plugins_dir is not None:
+            plugins_dir = str((self.base_dir / cfg.plugins_dir).resolve())
+        if not (cfg.plugins or any(r.plugins for r in cfg.routes)):
+            return plugins_dir
+        self.registry = discover(plugins_dir)
+        for problem in self.registry.problems:
+            self.report(("plugins_dir",) if plugins_dir is not None else (), problem)
+        self.top_plugins = [
+            self.plugin_use(use, ("plugins", j), "every route") for j, use in enumerate(cfg.plugins)
+        ]
+        return plugins_dir
+
+    def plugin_use(self, use: PluginUse, at: DataPath, owner: str) -> Entry | None:
+        assert self.registry is not None
+        settings = {
+            "timeout": self.duration(use.timeout, (*at, "timeout")),
+            "budget": None if use.budget is None else self.duration(use.budget, (*at, "budget")),
+            "on_over_budget": use.on_over_budget,
+            "bypass_for": self.duration(use.bypass_for, (*at, "bypass_for")),
+        }
+        return check_use(use, at, self.registry, self.report, owner, settings)
 
     def duplicates(self, values: list[str], field: str, what: str) -> None:
         first: dict[str, int] = {}
@@ -441,6 +524,10 @@ class _Normalizer:
             methods.append(upper)
         if not route.paths:
             self.report((*at, "paths"), "a route needs at least one path")
+        own = [
+            self.plugin_use(use, (*at, "plugins", j), f"route '{name}'")
+            for j, use in enumerate(route.plugins)
+        ]
         return {
             "name": name,
             "paths": list(route.paths),
@@ -459,6 +546,7 @@ class _Normalizer:
             "rewrite": route.rewrite,
             "preserve_host": route.preserve_host,
             "priority": route.priority,
+            "plugins": chain_of(i, self.top_plugins, own),
         }
 
     def url_upstream(
@@ -634,7 +722,8 @@ def load_config_text(
         partial = msgspec.convert(salvage(data, Config, (), touched), Config)
     except msgspec.ValidationError:
         raise ConfigError(problems) from None
-    normalizer = _Normalizer(semantic)
+    where = Path(base_dir) if base_dir is not None else Path.cwd()
+    normalizer = _Normalizer(semantic, (where / file).parent)
     normalized = normalizer.config(partial)
     text_json = json.dumps(normalized, separators=(",", ":"))
     for path, message in _core_problems(normalized, text_json, normalizer.generated):
@@ -646,7 +735,6 @@ def load_config_text(
     if problems:
         raise ConfigError(problems)
     cfg = msgspec.convert(data, Config)
-    where = Path(base_dir) if base_dir is not None else Path.cwd()
     pid_file = resolve_pid_file(where / file, cfg.pid_file)
     return LoadedConfig(file, cfg, normalized, text_json, pid_file)
 

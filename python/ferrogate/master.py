@@ -199,7 +199,13 @@ class Master:
         return self.workers_override or int(normalized["workers"])
 
     def _write_runtime(self, normalized: dict[str, Any]) -> None:
-        runtime = {**normalized, "workers": self._worker_count(normalized)}
+        # The reload count makes every reload a change for the workers, so plugin code is
+        # read again even when the config text stayed the same.
+        runtime = {
+            **normalized,
+            "workers": self._worker_count(normalized),
+            "generation": self.reloads,
+        }
         self.grace_period = float(runtime["grace_period"])
         write_atomic(self.runtime, json.dumps(runtime, separators=(",", ":")))
 

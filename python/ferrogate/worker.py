@@ -16,6 +16,14 @@ def _fd_list(text: str) -> list[int]:
     return fds
 
 
+def _load_plugins(config_json: str) -> object:
+    """Called by the data plane for each config with plugins (imported late: workers
+    without plugins never load the plugin machinery)."""
+    from ferrogate.plugin_host import load
+
+    return load(config_json)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m ferrogate.worker",
@@ -35,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from ferrogate import _core
 
     try:
-        _core.serve(args.fds, args.config, args.worker_id)
+        _core.serve(args.fds, args.config, args.worker_id, _load_plugins)
     except Exception:
         traceback.print_exc()
         return 1

@@ -2,11 +2,14 @@
 //! hyper's flow control gives backpressure end to end and memory stays bounded.
 
 use crate::h1client::UpstreamBody;
+use crate::plugins::{LogRecord, PluginHost, PluginState};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Instant;
 
 /// Why a request body could not be forwarded.
 #[derive(Debug)]
@@ -30,7 +33,8 @@ impl std::error::Error for BodyError {}
 
 /// The client's body on its way upstream, counted against the body limit.
 pub struct RequestBody {
-    inner: Incoming,
+    /// None once the whole body is in `first` (buffered for plugins).
+    inner: Option<Incoming>,
     first: Option<Frame<Bytes>>,
     seen: u64,
     limit: u64,
@@ -44,12 +48,52 @@ impl RequestBody {
             .and_then(|f| f.data_ref())
             .map_or(0, |d| d.len() as u64);
         RequestBody {
-            inner,
+            inner: Some(inner),
             first,
             seen,
             limit,
         }
     }
+
+    /// A body already read whole.
+    pub fn buffered(bytes: Bytes) -> Self {
+        RequestBody {
+            inner: None,
+            seen: bytes.len() as u64,
+            first: (!bytes.is_empty()).then(|| Frame::data(bytes)),
+            limit: 0,
+        }
+    }
+}
+
+/// Read a whole body of at most `cap` bytes (0 = no cap); `None` when it is larger.
+pub async fn collect_capped<B>(mut body: B, cap: u64) -> Result<Option<Bytes>, B::Error>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    use http_body_util::BodyExt;
+    let mut parts: Vec<Bytes> = Vec::new();
+    let mut total = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            total += data.len() as u64;
+            if cap > 0 && total > cap {
+                return Ok(None);
+            }
+            parts.push(data);
+        }
+    }
+    Ok(Some(match parts.len() {
+        0 => Bytes::new(),
+        1 => parts.pop().expect("one part"),
+        _ => {
+            let mut all = bytes::BytesMut::with_capacity(total as usize);
+            for p in parts {
+                all.extend_from_slice(&p);
+            }
+            all.freeze()
+        }
+    }))
 }
 
 impl Body for RequestBody {
@@ -63,7 +107,10 @@ impl Body for RequestBody {
         if let Some(f) = self.first.take() {
             return Poll::Ready(Some(Ok(f)));
         }
-        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = ready!(Pin::new(inner).poll_frame(cx));
         Poll::Ready(match frame {
             Some(Ok(f)) => {
                 if let Some(d) = f.data_ref() {
@@ -80,31 +127,128 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.first.is_none() && self.inner.is_end_stream()
+        self.first.is_none() && !matches!(&self.inner, Some(b) if !b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        let mut hint = self.inner.size_hint();
-        if let Some(n) = self
+        let first = self
             .first
             .as_ref()
             .and_then(|f| f.data_ref())
-            .map(|d| d.len() as u64)
-        {
-            hint.set_lower(hint.lower() + n);
+            .map_or(0, |d| d.len() as u64);
+        let Some(inner) = self.inner.as_ref() else {
+            return SizeHint::with_exact(first);
+        };
+        let mut hint = inner.size_hint();
+        if first > 0 {
+            // Upper first: a lower bound above the old upper one would be refused.
             if let Some(u) = hint.upper() {
-                hint.set_upper(u + n);
+                hint.set_upper(u + first);
             }
+            hint.set_lower(hint.lower() + first);
         }
         hint
     }
 }
 
 /// A response body: the upstream's, streamed, or one the gateway wrote itself. `G` is
-/// held until the body is done (it frees the target's in-flight slot).
+/// held until the body is done (it frees the target's in-flight slot). `Tapped` runs a
+/// plugin chain's body hooks on the way out and its log phase when done.
 pub enum ResponseBody<G> {
     Upstream { inner: UpstreamBody, _guard: G },
     Full(Option<Bytes>),
+    Tapped(Box<(ResponseBody<G>, BodyTap)>),
+}
+
+/// The plugin side of a response body: chunk hooks (streamed mode), and the log record
+/// handed to the host when the body is finished or dropped (the client may have gone).
+pub struct BodyTap {
+    pub host: Arc<dyn PluginHost>,
+    pub chain: u32,
+    pub state: Option<PluginState>,
+    pub stream: bool,
+    pub log: bool,
+    pub status: u16,
+    pub started: Instant,
+    pub upstream: Option<String>,
+    pub sent: u64,
+    pub error: Option<String>,
+    last_seen: bool,
+    finished: bool,
+}
+
+impl BodyTap {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        host: Arc<dyn PluginHost>,
+        chain: u32,
+        state: Option<PluginState>,
+        stream: bool,
+        log: bool,
+        status: u16,
+        started: Instant,
+        upstream: Option<String>,
+    ) -> Self {
+        BodyTap {
+            host,
+            chain,
+            state,
+            stream,
+            log,
+            status,
+            started,
+            upstream,
+            sent: 0,
+            error: None,
+            last_seen: false,
+            finished: false,
+        }
+    }
+
+    /// A body with nothing to send is complete before it is ever polled.
+    pub fn with_body_state(mut self, body_done: bool) -> Self {
+        self.finished = body_done && !self.stream;
+        self
+    }
+
+    fn chunk(&mut self, data: Bytes, last: bool) -> Result<Bytes, std::io::Error> {
+        self.last_seen |= last;
+        if !self.stream {
+            return Ok(data);
+        }
+        let Some(state) = self.state.as_ref() else {
+            return Ok(data);
+        };
+        self.host
+            .on_response_chunk(self.chain, state, data, last)
+            .map_err(|e| {
+                self.error = Some(e.message.clone());
+                std::io::Error::other(e.message)
+            })
+    }
+}
+
+impl Drop for BodyTap {
+    fn drop(&mut self) {
+        if !self.log {
+            return;
+        }
+        let Some(state) = self.state.take() else {
+            return;
+        };
+        if !self.finished && self.error.is_none() {
+            self.error = Some("the response did not complete (client gone?)".into());
+        }
+        self.host.log(LogRecord {
+            chain: self.chain,
+            state,
+            status: self.status,
+            bytes_sent: self.sent,
+            duration: self.started.elapsed().as_secs_f64(),
+            upstream: self.upstream.take(),
+            error: self.error.take(),
+        });
+    }
 }
 
 impl<G> ResponseBody<G> {
@@ -124,6 +268,46 @@ impl<G: Unpin> Body for ResponseBody<G> {
         match self.get_mut() {
             ResponseBody::Upstream { inner, .. } => Pin::new(inner).poll_frame(cx),
             ResponseBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ResponseBody::Tapped(t) => {
+                let (inner, tap) = &mut **t;
+                loop {
+                    match ready!(Pin::new(&mut *inner).poll_frame(cx)) {
+                        Some(Ok(frame)) => {
+                            let frame = match frame.into_data() {
+                                Ok(data) => {
+                                    let last = inner.is_end_stream();
+                                    let out = tap.chunk(data, last)?;
+                                    if out.is_empty() {
+                                        // An empty chunk could read as the end on the wire.
+                                        continue;
+                                    }
+                                    tap.sent += out.len() as u64;
+                                    tap.finished |= last;
+                                    Frame::data(out)
+                                }
+                                Err(other) => other,
+                            };
+                            return Poll::Ready(Some(Ok(frame)));
+                        }
+                        Some(Err(e)) => {
+                            tap.error = Some(e.to_string());
+                            return Poll::Ready(Some(Err(e)));
+                        }
+                        None => {
+                            if tap.stream && !tap.last_seen {
+                                // The end came without a last chunk: let the hooks flush.
+                                let out = tap.chunk(Bytes::new(), true)?;
+                                if !out.is_empty() {
+                                    tap.sent += out.len() as u64;
+                                    return Poll::Ready(Some(Ok(Frame::data(out))));
+                                }
+                            }
+                            tap.finished = true;
+                            return Poll::Ready(None);
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -131,6 +315,8 @@ impl<G: Unpin> Body for ResponseBody<G> {
         match self {
             ResponseBody::Upstream { inner, .. } => inner.is_end_stream(),
             ResponseBody::Full(b) => b.is_none(),
+            // Chunk hooks may still have something to say at the end.
+            ResponseBody::Tapped(t) => t.0.is_end_stream() && (!t.1.stream || t.1.last_seen),
         }
     }
 
@@ -138,6 +324,38 @@ impl<G: Unpin> Body for ResponseBody<G> {
         match self {
             ResponseBody::Upstream { inner, .. } => inner.size_hint(),
             ResponseBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ResponseBody::Tapped(t) if t.1.stream => SizeHint::default(),
+            ResponseBody::Tapped(t) => t.0.size_hint(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::Full;
+
+    #[test]
+    fn a_buffered_body_states_its_exact_length() {
+        let body = RequestBody::buffered(Bytes::from_static(b"hello"));
+        assert_eq!(body.size_hint().exact(), Some(5));
+        assert!(!body.is_end_stream());
+        let empty = RequestBody::buffered(Bytes::new());
+        assert_eq!(empty.size_hint().exact(), Some(0));
+        assert!(empty.is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn collect_capped_refuses_a_body_over_the_cap() {
+        let body = || Full::new(Bytes::from_static(b"abcdef"));
+        assert_eq!(collect_capped(body(), 5).await.unwrap(), None);
+        assert_eq!(
+            collect_capped(body(), 6).await.unwrap().as_deref(),
+            Some(&b"abcdef"[..])
+        );
+        assert_eq!(
+            collect_capped(body(), 0).await.unwrap().as_deref(),
+            Some(&b"abcdef"[..])
+        );
     }
 }

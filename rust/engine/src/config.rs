@@ -159,6 +159,9 @@ pub struct RouteConfig {
     pub preserve_host: bool,
     #[serde(default)]
     pub priority: i64,
+    /// The route's plugin chain, when it has plugins.
+    #[serde(default)]
+    pub plugins: Option<crate::plugins::ChainSpec>,
 }
 
 fn default_true() -> bool {

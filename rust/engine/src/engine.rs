@@ -5,9 +5,11 @@
 use crate::config::{ConfigProblem, GatewayConfig, Limits};
 use crate::filters::{BodyLimit, ForwardedHeaders};
 use crate::phase::Filter;
+use crate::plugins::PluginHost;
 use crate::router::Router;
 use crate::upstream::{secs, Upstream};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub struct Engine {
@@ -15,6 +17,9 @@ pub struct Engine {
     pub upstreams: Vec<Upstream>,
     pub limits: Limits,
     pub filters: Vec<Box<dyn Filter>>,
+    /// The plugin chains of this config generation; None when no route has plugins (or
+    /// when the config is only being checked).
+    pub plugins: Option<Arc<dyn PluginHost>>,
     pub grace_period: Duration,
     pub client_idle: Duration,
 }
@@ -22,6 +27,15 @@ pub struct Engine {
 impl Engine {
     /// Compile `config`, reusing the connection pools of `previous` where they still fit.
     pub fn build(config: &GatewayConfig, previous: Option<&Engine>) -> Result<Engine, Vec<ConfigProblem>> {
+        Engine::build_with(config, previous, None)
+    }
+
+    /// Like [`Engine::build`], with the plugin host built for the same config.
+    pub fn build_with(
+        config: &GatewayConfig,
+        previous: Option<&Engine>,
+        plugins: Option<Arc<dyn PluginHost>>,
+    ) -> Result<Engine, Vec<ConfigProblem>> {
         let mut problems = Vec::new();
         let mut upstreams = Vec::new();
         let mut index = HashMap::new();
@@ -68,6 +82,7 @@ impl Engine {
             upstreams,
             limits: config.limits.clone(),
             filters,
+            plugins,
             grace_period: secs(config.grace_period),
             client_idle: secs(config.timeouts.client_idle),
         })

@@ -11,6 +11,8 @@ pub enum ErrorKind {
     BodyTooLarge,
     HeadersTooLarge,
     Internal,
+    PluginFailed,
+    ResponseTooLarge,
     UpstreamUnreachable,
     UpstreamTimeout,
 }
@@ -24,6 +26,8 @@ impl ErrorKind {
             ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorKind::PluginFailed => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorKind::ResponseTooLarge => StatusCode::BAD_GATEWAY,
             ErrorKind::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -37,6 +41,8 @@ impl ErrorKind {
             ErrorKind::BodyTooLarge => "body_too_large",
             ErrorKind::HeadersTooLarge => "headers_too_large",
             ErrorKind::Internal => "internal_error",
+            ErrorKind::PluginFailed => "plugin_error",
+            ErrorKind::ResponseTooLarge => "response_too_large",
             ErrorKind::UpstreamUnreachable => "upstream_unreachable",
             ErrorKind::UpstreamTimeout => "upstream_timeout",
         }

@@ -14,6 +14,7 @@ pub mod framing;
 pub mod h1client;
 pub mod headers;
 pub mod phase;
+pub mod plugins;
 pub mod pool;
 pub mod proxy;
 pub mod router;

@@ -5,16 +5,21 @@
 //! 2. `access`           after routing, before an upstream target is chosen: may answer early
 //! 3. `upstream_request` the request about to go upstream: rewrite headers
 //! 4. `response_headers` the upstream's response head on its way back
-//! 5. `response_body`    the body streams through (core; plugin hooks come with the plugin host)
-//! 6. `log`              after the response is sent (observability work attaches here)
+//! 5. `response_body`    the body streams through (plugins: buffered or chunk by chunk)
+//! 6. `log`              after the response is sent (plugins: handed over, never waited on)
+//!
+//! A route's Python plugins take part through [`crate::plugins::PluginHost`], one crossing
+//! per phase; `proxy.rs` calls it right after the built-in filters of the same phase.
 //!
 //! Every hook has a no-op default, so adding a phase never breaks an existing filter.
 
 use crate::error::GatewayError;
+use crate::plugins::{ChainSpec, PluginHost, PluginState};
 use crate::router::Route;
 use http::{request, response, HeaderValue};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// What a request carries through its phases; created once, passed to every hook.
 pub struct RequestCtx {
@@ -29,6 +34,19 @@ pub struct RequestCtx {
     pub host: Option<HeaderValue>,
     /// "http" or "https"; the scheme the client used.
     pub scheme: &'static str,
+    /// Set after routing when the route has plugins.
+    pub plugins: Option<PluginRun>,
+}
+
+/// A request's run through its route's plugin chain.
+pub struct PluginRun {
+    pub host: Arc<dyn PluginHost>,
+    pub spec: ChainSpec,
+    /// Created by the access crossing; None if that crossing never happened.
+    pub state: Option<PluginState>,
+    pub started: Instant,
+    /// The target that served the request, for the log phase.
+    pub upstream: Option<String>,
 }
 
 pub trait Filter: Send + Sync {

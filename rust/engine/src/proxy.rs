@@ -1,7 +1,7 @@
 //! The request path. One function per phase, called in order by [`handle`]; see
 //! `phase.rs` for the phase names and docs/architecture.md for the picture.
 
-use crate::body::{BodyError, RequestBody, ResponseBody};
+use crate::body::{collect_capped, BodyError, BodyTap, RequestBody, ResponseBody};
 use crate::config::HashSource;
 use crate::engine::Engine;
 use crate::error::{ErrorKind, GatewayError};
@@ -9,17 +9,20 @@ use crate::filters::via_value;
 use crate::framing::Ambiguity;
 use crate::h1client::ExchangeError;
 use crate::headers::{new_request_id, strip_hop_by_hop, X_REQUEST_ID};
-use crate::phase::RequestCtx;
+use crate::phase::{PluginRun, RequestCtx};
+use crate::plugins::{BodyMode, HookMode, RequestDecision, RequestView, ResponseEdits};
 use crate::pool::SendError;
-use crate::router::RequestHead;
+use crate::router::{RequestHead, Route};
 use crate::upstream::{InflightGuard, Upstream};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::uri::PathAndQuery;
-use http::{header, request, HeaderMap, HeaderValue, Request, Response, Uri, Version};
+use http::{header, request, response, HeaderMap, HeaderValue, Request, Response, Uri, Version};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
 use std::net::SocketAddr;
+use std::time::Instant;
 
 /// The body a client gets; the guard frees the target's in-flight slot when it is done.
 pub type ProxyBody = ResponseBody<InflightGuard>;
@@ -58,15 +61,22 @@ pub async fn handle(
         route: None,
         host: None,
         scheme: "http",
+        plugins: None,
     };
-    match forward(&engine, &mut ctx, req, ambiguity).await {
+    let resp = match forward(&engine, &mut ctx, req, ambiguity).await {
         Ok(resp) => resp,
-        Err(e) => {
-            let mut resp = e.into_response(&ctx.request_id, |b| ResponseBody::full(Bytes::from(b)));
-            resp.headers_mut().insert(&X_REQUEST_ID, ctx.request_id);
-            resp
-        }
+        Err(e) => error_response(e, &ctx.request_id),
+    };
+    match ctx.plugins.take() {
+        None => resp,
+        Some(run) => plugin_response(run, &ctx, resp).await,
     }
+}
+
+fn error_response(e: GatewayError, request_id: &HeaderValue) -> Response<ProxyBody> {
+    let mut resp = e.into_response(request_id, |b| ResponseBody::full(Bytes::from(b)));
+    resp.headers_mut().insert(&X_REQUEST_ID, request_id.clone());
+    resp
 }
 
 async fn forward(
@@ -86,7 +96,7 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
 
     // phase: route
-    let (route, upstream_path) = {
+    let (route, mut upstream_path) = {
         let head = RequestHead {
             method: &parts.method,
             host: host_of(&parts),
@@ -111,18 +121,58 @@ async fn forward(
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
     };
     let upstream = &engine.upstreams[route.upstream];
+    if let Some(spec) = &route.plugins {
+        let host = engine.plugins.clone().ok_or_else(|| {
+            GatewayError::new(
+                ErrorKind::Internal,
+                "the route has plugins but no plugin host is loaded",
+            )
+        })?;
+        ctx.plugins = Some(PluginRun {
+            host,
+            spec: spec.clone(),
+            state: None,
+            started: Instant::now(),
+            upstream: None,
+        });
+    }
 
     // phase: access
     for f in &engine.filters {
         f.access(ctx, &parts)?;
     }
-    let first = read_first_chunk(&parts.headers, body, upstream).await?;
-    let (body, first) = first;
+    let mut client_body = match &ctx.plugins {
+        Some(run) if run.spec.request_body => {
+            let cap = match (run.spec.body_cap, engine.limits.max_body_bytes) {
+                (0, l) | (l, 0) => l,
+                (a, b) => a.min(b),
+            };
+            ClientBody::Whole(read_whole_body(body, cap, upstream).await?)
+        }
+        _ => {
+            let (body, first) = read_first_chunk(&parts.headers, body, upstream).await?;
+            ClientBody::Stream(body, first)
+        }
+    };
+    let mut query_override = None;
+    if let Some(mut run) = ctx.plugins.take() {
+        let outcome = request_plugins(ctx, &mut run, &route, &mut parts, &mut client_body).await;
+        ctx.plugins = Some(run);
+        match outcome? {
+            PluginOutcome::Respond(resp) => return Ok(*resp),
+            PluginOutcome::Continue { path, query } => {
+                if path.is_some() {
+                    upstream_path = path;
+                }
+                query_override = query;
+            }
+        }
+    }
 
     // phase: upstream_request
     let key = hash_key(upstream, &parts.headers, ctx);
     let (target, guard) = upstream.pick(key.as_deref());
-    let pq = upstream_path_and_query(upstream, &parts.uri, upstream_path)?;
+    let pq = upstream_path_and_query(upstream, &parts.uri, upstream_path, query_override.as_deref())?;
     // Origin-form: the pool already holds a connection to the target.
     parts.uri = Uri::from(pq);
     if !route.preserve_host {
@@ -136,9 +186,15 @@ async fn forward(
     for f in &engine.filters {
         f.upstream_request(ctx, &mut parts);
     }
+    if let Some(run) = ctx.plugins.as_mut() {
+        run.upstream = Some(target.address.clone());
+    }
     let client_version = parts.version;
     parts.version = Version::HTTP_11;
-    let mut body = RequestBody::new(body, first, engine.limits.max_body_bytes);
+    let mut body = match client_body {
+        ClientBody::Stream(body, first) => RequestBody::new(body, first, engine.limits.max_body_bytes),
+        ClientBody::Whole(bytes) => RequestBody::buffered(bytes),
+    };
 
     let send = target.pool.send(&parts, &mut body);
     let resp = match tokio::time::timeout(upstream.read_timeout, send).await {
@@ -173,6 +229,192 @@ async fn forward(
             _guard: guard,
         },
     ))
+}
+
+/// The client's body as the upstream request will carry it.
+enum ClientBody {
+    /// Streamed, with the first frame when it was read ahead.
+    Stream(Incoming, Option<Frame<Bytes>>),
+    /// Read whole (for plugins that asked for it), or replaced by one.
+    Whole(Bytes),
+}
+
+enum PluginOutcome {
+    Continue {
+        path: Option<String>,
+        query: Option<String>,
+    },
+    Respond(Box<Response<ProxyBody>>),
+}
+
+/// The access phase of a route's plugins: one crossing for the whole chain.
+async fn request_plugins(
+    ctx: &RequestCtx,
+    run: &mut PluginRun,
+    route: &Route,
+    parts: &mut request::Parts,
+    body: &mut ClientBody,
+) -> Result<PluginOutcome, GatewayError> {
+    let hook = {
+        let view = RequestView {
+            method: &parts.method,
+            path: parts.uri.path(),
+            query: parts.uri.query().unwrap_or(""),
+            headers: &parts.headers,
+            body: match body {
+                ClientBody::Whole(b) => Some(b),
+                ClientBody::Stream(..) => None,
+            },
+            request_id: ctx.request_id.to_str().unwrap_or(""),
+            client_ip: ctx.client_ip.to_str().unwrap_or(""),
+            route: &route.name,
+            host: ctx.host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or(""),
+            scheme: ctx.scheme,
+            http_version: version_str(parts.version),
+        };
+        let (state, hook) = run.host.on_request(run.spec.chain, run.spec.request, &view);
+        run.state = state;
+        hook
+    };
+    match hook.wait().await? {
+        RequestDecision::Respond(early) => {
+            let mut resp = Response::new(ResponseBody::full(early.body));
+            *resp.status_mut() = early.status;
+            *resp.headers_mut() = early.headers;
+            resp.headers_mut().insert(&X_REQUEST_ID, ctx.request_id.clone());
+            Ok(PluginOutcome::Respond(Box::new(resp)))
+        }
+        RequestDecision::Continue(edits) => {
+            if let Some(m) = edits.method {
+                parts.method = m;
+            }
+            if let Some(h) = edits.headers {
+                parts.headers = h;
+            }
+            if let Some(b) = edits.body {
+                *body = ClientBody::Whole(b);
+            }
+            Ok(PluginOutcome::Continue {
+                path: edits.path,
+                query: edits.query,
+            })
+        }
+    }
+}
+
+/// The response phases of a route's plugins, on whatever response is going out (the
+/// upstream's, an early answer or a gateway error): head, body, then the log hand-over.
+async fn plugin_response(
+    mut run: PluginRun,
+    ctx: &RequestCtx,
+    resp: Response<ProxyBody>,
+) -> Response<ProxyBody> {
+    let Some(state) = run.state.take() else {
+        return resp;
+    };
+    let spec = run.spec.clone();
+    let (mut parts, mut body) = resp.into_parts();
+    let mut failed = false;
+    if spec.crosses_response() {
+        let mode = spec.response.unwrap_or(HookMode::Sync);
+        let hook = run
+            .host
+            .on_response(spec.chain, mode, &state, parts.status, &parts.headers);
+        match hook.wait().await {
+            Ok(edits) => apply_response_edits(&mut parts, edits),
+            Err(e) => {
+                failed = true;
+                (parts, body) = error_response(e, &ctx.request_id).into_parts();
+            }
+        }
+    }
+    if spec.response_body == BodyMode::Buffered && !failed {
+        let outcome = match collect_capped(body, spec.body_cap).await {
+            Ok(Some(bytes)) => run.host.on_response_body(spec.chain, &state, bytes),
+            Ok(None) => Err(GatewayError::new(
+                ErrorKind::ResponseTooLarge,
+                format!(
+                    "the response body is larger than the route's plugins buffer ({} bytes)",
+                    spec.body_cap
+                ),
+            )),
+            Err(e) => Err(GatewayError::new(
+                ErrorKind::UpstreamUnreachable,
+                format!("lost the upstream response mid-body: {e}"),
+            )),
+        };
+        match outcome {
+            Ok((edits, out)) => {
+                apply_response_edits(&mut parts, edits);
+                parts
+                    .headers
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
+                body = ResponseBody::full(out);
+            }
+            Err(e) => {
+                failed = true;
+                (parts, body) = error_response(e, &ctx.request_id).into_parts();
+            }
+        }
+    }
+    let stream = spec.response_body == BodyMode::Streamed && !failed;
+    if stream {
+        // Chunk hooks may change the length: the client gets a chunked (or h2) body.
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
+    if stream || spec.log {
+        let tap = BodyTap::new(
+            run.host.clone(),
+            spec.chain,
+            Some(state),
+            stream,
+            spec.log,
+            parts.status.as_u16(),
+            run.started,
+            run.upstream.take(),
+        )
+        .with_body_state(body.is_end_stream());
+        body = ResponseBody::Tapped(Box::new((body, tap)));
+    }
+    Response::from_parts(parts, body)
+}
+
+fn apply_response_edits(parts: &mut response::Parts, edits: ResponseEdits) {
+    if let Some(s) = edits.status {
+        parts.status = s;
+    }
+    if let Some(h) = edits.headers {
+        parts.headers = h;
+    }
+}
+
+fn version_str(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// Read the whole client body for plugins that asked for it; over `cap` is a 413.
+async fn read_whole_body(body: Incoming, cap: u64, upstream: &Upstream) -> Result<Bytes, GatewayError> {
+    match tokio::time::timeout(upstream.read_timeout, collect_capped(body, cap)).await {
+        Err(_) => Err(GatewayError::new(
+            ErrorKind::RequestTimeout,
+            "timed out reading the request body",
+        )),
+        Ok(Ok(Some(bytes))) => Ok(bytes),
+        Ok(Ok(None)) => Err(GatewayError::new(
+            ErrorKind::BodyTooLarge,
+            format!("request body is above the limit of {cap} bytes"),
+        )),
+        Ok(Err(e)) => Err(GatewayError::new(
+            ErrorKind::BadRequest,
+            format!("malformed request body: {e}"),
+        )),
+    }
 }
 
 /// Ambiguous framing is the raw material of request smuggling: refuse it, never forward.
@@ -251,8 +493,9 @@ fn upstream_path_and_query(
     upstream: &Upstream,
     uri: &Uri,
     rewritten: Option<String>,
+    query: Option<&str>,
 ) -> Result<PathAndQuery, GatewayError> {
-    if rewritten.is_none() && upstream.path_prefix.is_empty() {
+    if rewritten.is_none() && query.is_none() && upstream.path_prefix.is_empty() {
         if let Some(pq) = uri.path_and_query() {
             return Ok(pq.clone());
         }
@@ -261,7 +504,7 @@ fn upstream_path_and_query(
     let mut s = String::with_capacity(upstream.path_prefix.len() + path.len() + 64);
     s.push_str(&upstream.path_prefix);
     s.push_str(path);
-    if let Some(q) = uri.query() {
+    if let Some(q) = query.or(uri.query()).filter(|q| !q.is_empty()) {
         s.push('?');
         s.push_str(q);
     }

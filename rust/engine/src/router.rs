@@ -5,6 +5,7 @@
 //! walk, so it does not grow with the number of routes.
 
 use crate::config::{ConfigProblem, GatewayConfig, Predicate, RouteConfig};
+use crate::plugins::ChainSpec;
 #[cfg(test)]
 use http::HeaderValue;
 use http::{HeaderMap, HeaderName, Method};
@@ -49,6 +50,7 @@ pub struct Route {
     pub upstream_name: String,
     pub preserve_host: bool,
     pub priority: i64,
+    pub plugins: Option<ChainSpec>,
     methods: Vec<Method>,
     headers: Vec<(HeaderName, Matcher)>,
     query: Vec<(String, Matcher)>,
@@ -592,6 +594,7 @@ fn compile_route(
         upstream_name: rc.upstream.clone(),
         preserve_host: rc.preserve_host,
         priority: rc.priority,
+        plugins: rc.plugins.clone(),
         methods,
         headers,
         query,

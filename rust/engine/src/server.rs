@@ -5,6 +5,7 @@ use crate::config::GatewayConfig;
 use crate::engine::Engine;
 use crate::filters::client_ip_value;
 use crate::framing::{FramingGuard, FramingRecord};
+use crate::plugins::HostLoader;
 use crate::proxy::{self, Worker};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -40,23 +41,41 @@ fn read_config(path: &Path) -> Result<String, String> {
     std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
-fn build_engine(text: &str, previous: Option<&Engine>) -> Result<Engine, String> {
+/// The loader of plugin hosts, when this worker can run plugins.
+pub type Loader = Option<Arc<dyn HostLoader>>;
+
+fn build_engine(text: &str, previous: Option<&Engine>, loader: &Loader) -> Result<Engine, String> {
     let cfg = GatewayConfig::from_json(text)?;
-    Engine::build(&cfg, previous).map_err(|p| p.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))
+    let plugins = match loader {
+        Some(l) if cfg.routes.iter().any(|r| r.plugins.is_some()) => l.load(text)?,
+        Some(_) | None => None,
+    };
+    Engine::build_with(&cfg, previous, plugins)
+        .map_err(|p| p.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))
 }
 
-/// Apply the config file if it changed since `applied` (the text in force).
-fn reload(worker: &Worker, path: &Path, worker_id: usize, applied: &mut String) {
-    let result = read_config(path).and_then(|text| {
-        if text == *applied {
-            return Ok(());
+/// Apply the config file if it changed since `applied` (the text in force). The build
+/// (which may import plugin code) runs off the serving thread.
+async fn reload(worker: &Worker, path: &Path, worker_id: usize, applied: &mut String, loader: &Loader) {
+    let result = match read_config(path) {
+        Ok(text) if text == *applied => return,
+        Ok(text) => {
+            let previous = worker.engine.load_full();
+            let loader = loader.clone();
+            let job = text.clone();
+            match tokio::task::spawn_blocking(move || build_engine(&job, Some(&previous), &loader)).await {
+                Ok(Ok(engine)) => {
+                    worker.engine.store(Arc::new(engine));
+                    *applied = text;
+                    log_event("info", "config_applied", serde_json::json!({"worker": worker_id}));
+                    Ok(())
+                }
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(format!("the config build failed: {e}")),
+            }
         }
-        let engine = build_engine(&text, Some(&worker.engine.load_full()))?;
-        worker.engine.store(Arc::new(engine));
-        *applied = text;
-        log_event("info", "config_applied", serde_json::json!({"worker": worker_id}));
-        Ok(())
-    });
+        Err(e) => Err(e),
+    };
     if let Err(e) = result {
         log_event(
             "error",
@@ -118,7 +137,7 @@ impl Protocols {
 }
 
 /// Run a worker until SIGTERM. Blocks the calling thread.
-pub fn serve(fds: &[RawFd], config_path: &Path, worker_id: usize) -> Result<(), String> {
+pub fn serve(fds: &[RawFd], config_path: &Path, worker_id: usize, loader: Loader) -> Result<(), String> {
     die_with_parent();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -126,7 +145,7 @@ pub fn serve(fds: &[RawFd], config_path: &Path, worker_id: usize) -> Result<(), 
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     rt.block_on(async {
         let mut applied = read_config(config_path)?;
-        let engine = build_engine(&applied, None)?;
+        let engine = build_engine(&applied, None, &loader)?;
         let protocols = Arc::new(Protocols::new(&engine));
         let worker = Arc::new(Worker::new(engine));
         let graceful = Arc::new(GracefulShutdown::new());
@@ -147,11 +166,11 @@ pub fn serve(fds: &[RawFd], config_path: &Path, worker_id: usize) -> Result<(), 
         log_event("info", "worker_started", serde_json::json!({"worker": worker_id}));
         // A reload that landed between reading the config and installing the SIGHUP
         // handler would otherwise be missed: look at the file once more.
-        reload(&worker, config_path, worker_id, &mut applied);
+        reload(&worker, config_path, worker_id, &mut applied, &loader).await;
         loop {
             tokio::select! {
                 _ = term.recv() => break,
-                _ = hup.recv() => reload(&worker, config_path, worker_id, &mut applied),
+                _ = hup.recv() => reload(&worker, config_path, worker_id, &mut applied, &loader).await,
             }
         }
         // Stop accepting, then let in-flight requests finish within the grace period.

@@ -1,13 +1,18 @@
 //! `ferrogate._core`: the thin binding between the Python control plane and the engine.
 //! Everything here converts types and releases the GIL; behaviour lives in the engine.
 
+mod host;
+
 use ferrogate_engine::config::GatewayConfig;
+use ferrogate_engine::plugins::HostLoader;
 use ferrogate_engine::router::Router;
 use ferrogate_engine::{echo, server, Engine};
+use host::PyLoader;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Compile a normalized config as a worker would; returns `(path, message)` problems.
 #[pyfunction]
@@ -47,9 +52,20 @@ fn table_rows<'py>(py: Python<'py>, router: &Router) -> PyResult<Vec<Bound<'py, 
 }
 
 /// Run one worker on the given listening sockets until SIGTERM (GIL released).
+///
+/// `plugin_loader(config_json) -> Host | None` builds the plugin host of each config
+/// generation (`ferrogate.plugin_host.load`); without it, routes with plugins fail.
 #[pyfunction]
-fn serve(py: Python<'_>, listen_fds: Vec<i32>, config_path: PathBuf, worker_id: usize) -> PyResult<()> {
-    py.detach(|| server::serve(&listen_fds, &config_path, worker_id))
+#[pyo3(signature = (listen_fds, config_path, worker_id, plugin_loader=None))]
+fn serve(
+    py: Python<'_>,
+    listen_fds: Vec<i32>,
+    config_path: PathBuf,
+    worker_id: usize,
+    plugin_loader: Option<Py<PyAny>>,
+) -> PyResult<()> {
+    let loader = plugin_loader.map(|load| Arc::new(PyLoader { load }) as Arc<dyn HostLoader>);
+    py.detach(|| server::serve(&listen_fds, &config_path, worker_id, loader))
         .map_err(PyRuntimeError::new_err)
 }
 

@@ -1,0 +1,917 @@
+"""The Python side of the hook boundary: the request and response views plugins see, and
+the dispatcher that runs a route's plugin chain for one phase in one crossing.
+
+The data plane calls ``Host`` methods with plain values (str, bytes, tuples) and reads back
+plain values; nothing here knows about Rust. This module is compiled with Cython when the
+wheel is built (``cext/``); it is also plain Python and runs as such when not compiled.
+
+Wire formats at the boundary:
+- headers in: one ``bytes`` blob, ``name:value\\n`` per field (names lower-case), parsed only
+  when a plugin first touches ``headers``;
+- headers out: a list of ``(name, value)`` str pairs, only when a plugin changed them;
+- request decision: ``None`` (nothing changed), ``(0, method, path, query, headers, body)``
+  (each ``None`` when unchanged), ``(1, status, headers, body)`` to answer early, or
+  ``(2, message)`` when a plugin failed;
+- response decision: ``None`` or ``(status, headers)``.
+"""
+
+import json
+import sys
+import time
+import traceback
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode
+
+__all__ = [
+    "Headers",
+    "Host",
+    "LogInfo",
+    "Params",
+    "PluginError",
+    "Request",
+    "Response",
+    "Slot",
+]
+
+_perf_ns = time.perf_counter_ns
+
+
+def _text(value: object) -> str:
+    """A header or parameter value: str, or a number written out; anything else is a bug."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise TypeError(
+        f"header and query values must be str (or a number), not {type(value).__name__}"
+    )
+
+
+class Headers:
+    """HTTP header fields: a case-insensitive multi-dict that keeps order.
+
+    ``headers["x"]`` is the first value (KeyError when absent), ``get``/``getall`` read,
+    ``headers["x"] = v`` replaces every value, ``add`` appends one, ``del``/``remove`` drop all.
+    Names are stored lower-case, as HTTP/2 sends them.
+    """
+
+    __slots__ = ("_blob", "_items", "changed")
+
+    def __init__(
+        self, items: "Mapping[str, str] | Iterable[tuple[str, str]] | None" = None
+    ) -> None:
+        self._blob: bytes | None = None
+        self._items: list[list[str]] | None = []
+        self.changed = False
+        if items is not None:
+            pairs = items.items() if isinstance(items, Mapping) else items
+            for name, value in pairs:
+                self._items.append([name.lower(), _text(value)])
+
+    def _fields(self) -> list[list[str]]:
+        items = self._items
+        if items is None:
+            items = []
+            blob = self._blob
+            if blob:
+                for line in blob.decode("latin-1").split("\n"):
+                    if line:
+                        name, _, value = line.partition(":")
+                        items.append([name, value])
+            self._items = items
+            self._blob = None
+        return items
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """The first value of ``name``, or ``default``."""
+        key = name.lower()
+        for field in self._fields():
+            if field[0] == key:
+                return field[1]
+        return default
+
+    def getall(self, name: str) -> list[str]:
+        """Every value of ``name``, in order."""
+        key = name.lower()
+        return [f[1] for f in self._fields() if f[0] == key]
+
+    def __getitem__(self, name: str) -> str:
+        value = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __setitem__(self, name: str, value: str) -> None:
+        key = name.lower()
+        fields = self._fields()
+        fields[:] = [f for f in fields if f[0] != key]
+        fields.append([key, _text(value)])
+        self.changed = True
+
+    def add(self, name: str, value: str) -> None:
+        """Append one more value for ``name``."""
+        self._fields().append([name.lower(), _text(value)])
+        self.changed = True
+
+    def remove(self, name: str) -> bool:
+        """Drop every value of ``name``; True if there was one."""
+        key = name.lower()
+        fields = self._fields()
+        kept = [f for f in fields if f[0] != key]
+        if len(kept) == len(fields):
+            return False
+        fields[:] = kept
+        self.changed = True
+        return True
+
+    def __delitem__(self, name: str) -> None:
+        if not self.remove(name):
+            raise KeyError(name)
+
+    def rename(self, old: str, new: str) -> bool:
+        """Give every ``old`` field the name ``new``, in place; True if there was one."""
+        src, dst = old.lower(), new.lower()
+        found = False
+        for field in self._fields():
+            if field[0] == src:
+                field[0] = dst
+                found = True
+        if found:
+            self.changed = True
+        return found
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+    def items(self) -> list[tuple[str, str]]:
+        """Every field as a ``(name, value)`` pair, in order."""
+        return [(f[0], f[1]) for f in self._fields()]
+
+    def keys(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for f in self._fields():
+            seen[f[0]] = None
+        return list(seen)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self._fields())
+
+    def __repr__(self) -> str:
+        return f"Headers({self.items()!r})"
+
+
+class Params:
+    """Query parameters: an ordered multi-dict (case-sensitive) over the raw query string."""
+
+    __slots__ = ("_items", "changed")
+
+    def __init__(self, query: str = "") -> None:
+        self._items = [list(p) for p in parse_qsl(query, keep_blank_values=True)]
+        self.changed = False
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        for field in self._items:
+            if field[0] == name:
+                return field[1]
+        return default
+
+    def getall(self, name: str) -> list[str]:
+        return [f[1] for f in self._items if f[0] == name]
+
+    def __getitem__(self, name: str) -> str:
+        value = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __setitem__(self, name: str, value: str) -> None:
+        self._items[:] = [f for f in self._items if f[0] != name]
+        self._items.append([name, _text(value)])
+        self.changed = True
+
+    def add(self, name: str, value: str) -> None:
+        self._items.append([name, _text(value)])
+        self.changed = True
+
+    def remove(self, name: str) -> bool:
+        kept = [f for f in self._items if f[0] != name]
+        if len(kept) == len(self._items):
+            return False
+        self._items[:] = kept
+        self.changed = True
+        return True
+
+    def __delitem__(self, name: str) -> None:
+        if not self.remove(name):
+            raise KeyError(name)
+
+    def rename(self, old: str, new: str) -> bool:
+        found = False
+        for field in self._items:
+            if field[0] == old:
+                field[0] = new
+                found = True
+        if found:
+            self.changed = True
+        return found
+
+    def __contains__(self, name: object) -> bool:
+        return any(f[0] == name for f in self._items)
+
+    def items(self) -> list[tuple[str, str]]:
+        return [(f[0], f[1]) for f in self._items]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def encode(self) -> str:
+        return urlencode(self.items(), quote_via=quote)
+
+    def __repr__(self) -> str:
+        return f"Params({self.items()!r})"
+
+
+class Request:
+    """The client's request as plugins see it; changes made in ``on_request`` go upstream.
+
+    ``path`` and ``query`` are what the client sent; setting ``path`` replaces the path sent
+    upstream (the route's rewrite is then not applied). ``body`` is the whole body when the
+    plugin declared ``request_body = "buffered"``, else None. ``ctx`` is a dict shared by
+    every plugin and phase of this one request. ``consumer`` is who the request is from, once
+    an authentication plugin has said so.
+    """
+
+    __slots__ = (
+        "_body",
+        "_body_set",
+        "_headers",
+        "_orig_method",
+        "_orig_path",
+        "_orig_query",
+        "_params",
+        "client_ip",
+        "consumer",
+        "ctx",
+        "host",
+        "http_version",
+        "method",
+        "path",
+        "query",
+        "request_id",
+        "response",
+        "route",
+        "scheme",
+    )
+
+    def __init__(
+        self,
+        method: str = "GET",
+        path: str = "/",
+        query: str = "",
+        headers: "Headers | Mapping[str, str] | Iterable[tuple[str, str]] | None" = None,
+        body: bytes | None = None,
+        *,
+        request_id: str = "",
+        client_ip: str = "127.0.0.1",
+        route: str = "",
+        host: str = "",
+        scheme: str = "http",
+        http_version: str = "HTTP/1.1",
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.query = query
+        self._headers = headers if isinstance(headers, Headers) else Headers(headers)
+        self._params: Params | None = None
+        self._body = body
+        self._body_set = False
+        self._orig_method = method
+        self._orig_path = path
+        self._orig_query = query
+        self.request_id = request_id
+        self.client_ip = client_ip
+        self.route = route
+        self.host = host
+        self.scheme = scheme
+        self.http_version = http_version
+        self.consumer: str | None = None
+        self.ctx: dict[str, Any] = {}
+        self.response: Response | None = None
+
+    @property
+    def headers(self) -> Headers:
+        return self._headers
+
+    @property
+    def query_params(self) -> Params:
+        """The query string parsed; changes to it replace ``query`` when sent upstream."""
+        if self._params is None:
+            self._params = Params(self.query)
+        return self._params
+
+    @property
+    def body(self) -> bytes | None:
+        return self._body
+
+    @body.setter
+    def body(self, value: bytes) -> None:
+        if isinstance(value, str):
+            value = value.encode()
+        self._body = bytes(value)
+        self._body_set = True
+
+    def json(self) -> Any:
+        """The body decoded as JSON (``request_body = "buffered"`` only)."""
+        if self._body is None:
+            raise ValueError("the request body is not buffered for this plugin")
+        return json.loads(self._body)
+
+    def _decision(self) -> tuple[Any, ...] | None:
+        """What changed, for the data plane (see the module doc)."""
+        params = self._params
+        query_changed = self.query is not self._orig_query and self.query != self._orig_query
+        if params is not None and params.changed:
+            self.query = params.encode()
+            query_changed = True
+        method_changed = self.method is not self._orig_method and self.method != self._orig_method
+        path_changed = self.path is not self._orig_path and self.path != self._orig_path
+        headers = self._headers
+        if not (
+            method_changed or path_changed or query_changed or headers.changed or self._body_set
+        ):
+            return None
+        return (
+            0,
+            self.method if method_changed else None,
+            self.path if path_changed else None,
+            self.query if query_changed else None,
+            headers.items() if headers.changed else None,
+            self._body if self._body_set else None,
+        )
+
+    def __repr__(self) -> str:
+        q = f"?{self.query}" if self.query else ""
+        return f"<Request {self.method} {self.path}{q} id={self.request_id}>"
+
+
+class Response:
+    """A response: the upstream's on its way back, or one a plugin answers with.
+
+    Return ``Response(403, {"error": "no"})`` (a dict or list body is sent as JSON) or
+    ``Response(200, b"bytes", headers={"content-type": "text/plain"})`` from ``on_request`` to
+    answer without contacting the upstream.
+    """
+
+    __slots__ = ("_headers", "_orig_status", "body", "status")
+
+    def __init__(
+        self,
+        status: int = 200,
+        body: "bytes | str | dict[str, Any] | list[Any] | None" = None,
+        headers: "Headers | Mapping[str, str] | Iterable[tuple[str, str]] | None" = None,
+    ) -> None:
+        self.status = status
+        self._orig_status = status
+        self._headers = headers if isinstance(headers, Headers) else Headers(headers)
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body, separators=(",", ":")).encode()
+            if "content-type" not in self._headers:
+                self._headers["content-type"] = "application/json"
+        elif isinstance(body, str):
+            body = body.encode()
+            if "content-type" not in self._headers:
+                self._headers["content-type"] = "text/plain; charset=utf-8"
+        self.body: bytes | None = body
+
+    @property
+    def headers(self) -> Headers:
+        return self._headers
+
+    def json(self) -> Any:
+        """The body decoded as JSON (buffered body hooks only)."""
+        if self.body is None:
+            raise ValueError("the response body is not buffered here")
+        return json.loads(self.body)
+
+    def _decision(self) -> tuple[Any, ...] | None:
+        status_changed = self.status != self._orig_status
+        if not (status_changed or self._headers.changed):
+            return None
+        return (
+            self.status if status_changed else None,
+            self._headers.items() if self._headers.changed else None,
+        )
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status}>"
+
+
+class LogInfo:
+    """What the log phase knows about a finished request."""
+
+    __slots__ = ("bytes_sent", "duration", "error", "status", "upstream")
+
+    def __init__(
+        self,
+        status: int,
+        bytes_sent: int,
+        duration: float,
+        upstream: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        self.status = status
+        self.bytes_sent = bytes_sent
+        """Response body bytes sent to the client."""
+        self.duration = duration
+        """Seconds from the request's arrival to the end of the response."""
+        self.upstream = upstream
+        """The target that served it (host:port), or None if none was contacted."""
+        self.error = error
+        """Why the response ended early (client gone, upstream failed mid-body), or None."""
+
+    def __repr__(self) -> str:
+        return f"<LogInfo {self.status} {self.bytes_sent}B {self.duration * 1000:.1f}ms>"
+
+
+class PluginError(Exception):
+    """A plugin raised, timed out or went over its budget; the client gets a 500."""
+
+    def __init__(self, plugin: str, phase: str, reason: str) -> None:
+        self.plugin = plugin
+        self.phase = phase
+        self.reason = reason
+        super().__init__(f"plugin '{plugin}' failed in {phase}: {reason}")
+
+
+def log_event(level: str, event: str, **fields: Any) -> None:
+    """One JSON line on stderr, like the data plane's own events."""
+    record = {"ts": round(time.time(), 6), "level": level, "event": event, **fields}
+    try:
+        sys.stderr.write(json.dumps(record, default=str, separators=(",", ":")) + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+class PhaseStats:
+    """Time spent in one plugin's hook for one phase; always measured."""
+
+    __slots__ = ("calls", "errors", "max_ns", "over_budget", "total_ns")
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.total_ns = 0
+        self.max_ns = 0
+        self.errors = 0
+        self.over_budget = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "calls": self.calls,
+            "total_ns": self.total_ns,
+            "max_ns": self.max_ns,
+            "errors": self.errors,
+            "over_budget": self.over_budget,
+        }
+
+
+class Slot:
+    """One configured plugin in a route's chain: the instance, its hooks, its limits."""
+
+    __slots__ = (
+        "budget_ns",
+        "bypass_for_ns",
+        "bypassed_until",
+        "name",
+        "on_log",
+        "on_over_budget",
+        "on_request",
+        "on_response",
+        "on_response_body",
+        "on_response_chunk",
+        "plugin",
+        "stats",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        plugin: Any,
+        hooks: Mapping[str, Any],
+        *,
+        timeout: float | None = None,
+        budget: float | None = None,
+        on_over_budget: str = "log",
+        bypass_for: float = 30.0,
+    ) -> None:
+        self.name = name
+        self.plugin = plugin
+        self.on_request: Any = hooks.get("on_request")
+        self.on_response: Any = hooks.get("on_response")
+        self.on_response_body: Any = hooks.get("on_response_body")
+        self.on_response_chunk: Any = hooks.get("on_response_chunk")
+        self.on_log: Any = hooks.get("on_log")
+        self.timeout = timeout
+        self.budget_ns = int(budget * 1e9) if budget else 0
+        self.on_over_budget = on_over_budget
+        self.bypass_for_ns = int(bypass_for * 1e9)
+        self.bypassed_until = 0
+        self.stats = {
+            phase: PhaseStats()
+            for phase in ("on_request", "on_response", "on_response_body", "on_log")
+        }
+
+    def skipped(self, now: int) -> bool:
+        return self.bypassed_until > now
+
+    def account(self, phase: str, request_id: str, start: int, end: int) -> None:
+        """Record a call's time; act on the latency budget."""
+        spent = end - start
+        stats = self.stats[phase]
+        stats.calls += 1
+        stats.total_ns += spent
+        if spent > stats.max_ns:
+            stats.max_ns = spent
+        budget = self.budget_ns
+        if budget and spent > budget:
+            stats.over_budget += 1
+            policy = self.on_over_budget
+            log_event(
+                "warn",
+                "plugin_over_budget",
+                plugin=self.name,
+                phase=phase,
+                request_id=request_id,
+                spent_ms=round(spent / 1e6, 3),
+                budget_ms=round(budget / 1e6, 3),
+                action=policy,
+            )
+            if policy == "bypass":
+                self.bypassed_until = end + self.bypass_for_ns
+            elif policy == "fail" and phase != "on_log":
+                raise PluginError(self.name, phase, "over its latency budget")
+
+    def failed(self, phase: str, request_id: str, exc: BaseException) -> PluginError:
+        """Log a plugin's exception with its traceback; the error the client's 500 names."""
+        self.stats[phase].errors += 1
+        if isinstance(exc, PluginError):
+            return exc
+        log_event(
+            "error",
+            "plugin_failed",
+            plugin=self.name,
+            phase=phase,
+            request_id=request_id,
+            error=f"{type(exc).__name__}: {exc}",
+            traceback="".join(traceback.format_exception(exc)),
+        )
+        return PluginError(self.name, phase, type(exc).__name__)
+
+
+class Chain:
+    """A route's plugins, split by phase, in run order."""
+
+    __slots__ = ("body", "buffered", "chunk", "log", "request", "response", "route")
+
+    def __init__(self, route: str, slots: list[Slot]) -> None:
+        self.route = route
+        self.request = tuple(s for s in slots if s.on_request is not None)
+        self.response = tuple(s for s in slots if s.on_response is not None)
+        self.body = tuple(
+            s for s in slots if s.on_response_body is not None or s.on_response_chunk is not None
+        )
+        self.buffered = any(s.on_response_body is not None for s in slots)
+        self.chunk = tuple(s for s in slots if s.on_response_chunk is not None)
+        self.log = tuple(s for s in slots if s.on_log is not None)
+
+
+def run_request(chain: Chain, req: Request) -> tuple[Any, ...] | None:
+    """Run the ``on_request`` hooks of ``chain`` (sync ones only)."""
+    rid = req.request_id
+    for slot in chain.request:
+        start = _perf_ns()
+        if slot.bypassed_until > start:
+            continue
+        try:
+            answer = slot.on_request(req)
+        except BaseException as e:
+            raise slot.failed("on_request", rid, e) from None
+        slot.account("on_request", rid, start, _perf_ns())
+        if answer is not None:
+            return _early(slot, answer)
+    return req._decision()
+
+
+async def run_request_async(chain: Chain, req: Request) -> tuple[Any, ...] | None:
+    """Like ``run_request`` where some hooks are coroutines; each runs within its timeout."""
+    import asyncio
+
+    rid = req.request_id
+    for slot in chain.request:
+        start = _perf_ns()
+        if slot.bypassed_until > start:
+            continue
+        try:
+            answer = slot.on_request(req)
+            if asyncio.iscoroutine(answer):
+                answer = await asyncio.wait_for(answer, slot.timeout)
+        except TimeoutError:
+            slot.stats["on_request"].errors += 1
+            log_event(
+                "error", "plugin_timeout", plugin=slot.name, phase="on_request", request_id=rid
+            )
+            raise PluginError(slot.name, "on_request", f"timed out after {slot.timeout}s") from None
+        except BaseException as e:
+            raise slot.failed("on_request", rid, e) from None
+        slot.account("on_request", rid, start, _perf_ns())
+        if answer is not None:
+            return _early(slot, answer)
+    return req._decision()
+
+
+def _early(slot: Slot, answer: Any) -> tuple[Any, ...]:
+    if not isinstance(answer, Response):
+        raise PluginError(
+            slot.name,
+            "on_request",
+            f"on_request must return a Response or None, not {type(answer).__name__}",
+        )
+    return (1, answer.status, answer.headers.items(), answer.body or b"")
+
+
+def run_response(chain: Chain, req: Request, resp: Response) -> tuple[Any, ...] | None:
+    rid = req.request_id
+    for slot in chain.response:
+        start = _perf_ns()
+        if slot.bypassed_until > start:
+            continue
+        try:
+            slot.on_response(req, resp)
+        except BaseException as e:
+            raise slot.failed("on_response", rid, e) from None
+        slot.account("on_response", rid, start, _perf_ns())
+    return resp._decision()
+
+
+async def run_response_async(chain: Chain, req: Request, resp: Response) -> tuple[Any, ...] | None:
+    import asyncio
+
+    rid = req.request_id
+    for slot in chain.response:
+        start = _perf_ns()
+        if slot.bypassed_until > start:
+            continue
+        try:
+            result = slot.on_response(req, resp)
+            if asyncio.iscoroutine(result):
+                await asyncio.wait_for(result, slot.timeout)
+        except TimeoutError:
+            slot.stats["on_response"].errors += 1
+            log_event(
+                "error", "plugin_timeout", plugin=slot.name, phase="on_response", request_id=rid
+            )
+            raise PluginError(
+                slot.name, "on_response", f"timed out after {slot.timeout}s"
+            ) from None
+        except BaseException as e:
+            raise slot.failed("on_response", rid, e) from None
+        slot.account("on_response", rid, start, _perf_ns())
+    return resp._decision()
+
+
+def run_body(chain: Chain, req: Request, resp: Response, body: bytes) -> bytes:
+    """Buffered mode: every body hook sees the whole body; chunk hooks get it as one chunk."""
+    rid = req.request_id
+    resp.body = body
+    for slot in chain.body:
+        start = _perf_ns()
+        if slot.bypassed_until > start:
+            continue
+        try:
+            if slot.on_response_body is not None:
+                out = slot.on_response_body(req, resp, resp.body)
+            else:
+                out = slot.on_response_chunk(req, resp, resp.body, True)
+        except BaseException as e:
+            raise slot.failed("on_response_body", rid, e) from None
+        slot.account("on_response_body", rid, start, _perf_ns())
+        if out is not None:
+            resp.body = out.encode() if isinstance(out, str) else bytes(out)
+    return resp.body if resp.body is not None else b""
+
+
+def run_chunk(chain: Chain, req: Request, resp: Response, chunk: bytes, last: bool) -> bytes:
+    """Streamed mode: one chunk through every chunk hook, in order."""
+    rid = req.request_id
+    for slot in chain.chunk:
+        start = _perf_ns()
+        if slot.bypassed_until > start:
+            continue
+        try:
+            out = slot.on_response_chunk(req, resp, chunk, last)
+        except BaseException as e:
+            raise slot.failed("on_response_body", rid, e) from None
+        slot.account("on_response_body", rid, start, _perf_ns())
+        if out is not None:
+            chunk = out.encode() if isinstance(out, str) else bytes(out)
+    return chunk
+
+
+def run_log(chain: Chain, req: Request, info: LogInfo, loop: Any = None) -> None:
+    """The log phase: errors are logged, never raised (the response is already sent).
+
+    An ``async def on_log`` is started on ``loop`` (the worker's hook loop) and not waited
+    for; with a loop that is not running (tests), it is run to completion here.
+    """
+    resp = req.response
+    if resp is None:
+        resp = _wire_response(info.status, b"")
+    rid = req.request_id
+    for slot in chain.log:
+        start = _perf_ns()
+        try:
+            result = slot.on_log(req, resp, info)
+            if result is not None and hasattr(result, "__await__"):
+                _start_log(slot, rid, result, loop)
+        except BaseException as e:
+            slot.failed("on_log", rid, e)
+            continue
+        slot.account("on_log", rid, start, _perf_ns())
+
+
+def _start_log(slot: Slot, rid: str, coro: Any, loop: Any) -> None:
+    import asyncio
+
+    if loop is None:
+        coro.close()
+        raise RuntimeError("an async on_log needs the worker's hook loop")
+    if not loop.is_running():
+        loop.run_until_complete(coro)
+        return
+
+    def finished(fut: Any) -> None:
+        exc = fut.exception()
+        if exc is not None:
+            slot.failed("on_log", rid, exc)
+
+    asyncio.run_coroutine_threadsafe(coro, loop).add_done_callback(finished)
+
+
+class Host:
+    """Every route chain of one config generation; the data plane's entry points.
+
+    A reload builds a new ``Host``; requests in flight keep the one they started with.
+    """
+
+    __slots__ = ("chains", "loop")
+
+    def __init__(self, chains: list[Chain], loop: Any = None) -> None:
+        self.chains = chains
+        self.loop = loop
+        """The event loop async hooks run on (another thread), or None when none is async."""
+
+    # -- entry points called by the data plane --------------------------------------------
+
+    def request(
+        self,
+        chain: int,
+        method: str,
+        path: str,
+        query: str,
+        headers: bytes,
+        body: bytes | None,
+        meta: tuple[str, str, str, str, str, str],
+    ) -> tuple[Request, tuple[Any, ...] | None]:
+        req = _new_request(self.chains[chain], method, path, query, headers, body, meta)
+        try:
+            return req, run_request(self.chains[chain], req)
+        except PluginError as e:
+            # The request object still goes back: later phases and the log see the request.
+            return req, (2, str(e))
+
+    def request_async(
+        self,
+        chain: int,
+        method: str,
+        path: str,
+        query: str,
+        headers: bytes,
+        body: bytes | None,
+        meta: tuple[str, str, str, str, str, str],
+        done: Any,
+    ) -> Request:
+        """Start the chain on the hook loop; ``done(decision, error)`` is called once."""
+        req = _new_request(self.chains[chain], method, path, query, headers, body, meta)
+        self._submit(run_request_async(self.chains[chain], req), done)
+        return req
+
+    def response(self, chain: int, req: Request, status: int, headers: bytes) -> Any:
+        resp = _wire_response(status, headers)
+        req.response = resp
+        return run_response(self.chains[chain], req, resp)
+
+    def response_async(
+        self, chain: int, req: Request, status: int, headers: bytes, done: Any
+    ) -> None:
+        resp = _wire_response(status, headers)
+        req.response = resp
+        self._submit(run_response_async(self.chains[chain], req, resp), done)
+
+    def response_body(self, chain: int, req: Request, body: bytes) -> tuple[Any, bytes]:
+        resp = req.response
+        if resp is None:
+            resp = req.response = _wire_response(200, b"")
+        out = run_body(self.chains[chain], req, resp, body)
+        return resp._decision(), out
+
+    def response_chunk(self, chain: int, req: Request, chunk: bytes, last: bool) -> bytes:
+        resp = req.response
+        if resp is None:
+            resp = req.response = _wire_response(200, b"")
+        return run_chunk(self.chains[chain], req, resp, chunk, last)
+
+    def log(
+        self, batch: list[tuple[int, Request, int, int, float, str | None, str | None]]
+    ) -> None:
+        for chain, req, status, sent, duration, upstream, error in batch:
+            run_log(
+                self.chains[chain], req, LogInfo(status, sent, duration, upstream, error), self.loop
+            )
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _submit(self, coro: Any, done: Any) -> None:
+        import asyncio
+
+        def finished(fut: Any) -> None:
+            try:
+                result = fut.result()
+            except PluginError as e:
+                done(None, str(e))
+            except BaseException as e:  # a bug in the dispatcher itself
+                log_event(
+                    "error", "plugin_host_failed", error=repr(e), traceback=traceback.format_exc()
+                )
+                done(None, f"plugin host failed: {type(e).__name__}")
+            else:
+                done(result, None)
+
+        asyncio.run_coroutine_threadsafe(coro, self.loop).add_done_callback(finished)
+
+    def stats(self) -> dict[str, dict[str, dict[str, dict[str, int]]]]:
+        """Per route, per plugin, per phase: calls, total/max ns, errors, over-budget count."""
+        out: dict[str, dict[str, dict[str, dict[str, int]]]] = {}
+        for chain in self.chains:
+            seen = {*chain.request, *chain.response, *chain.body, *chain.log}
+            out[chain.route] = {
+                s.name: {p: st.as_dict() for p, st in s.stats.items() if st.calls or st.errors}
+                for s in seen
+            }
+        return out
+
+
+def _wire_headers(blob: bytes) -> Headers:
+    """Headers from the data plane's blob, parsed when first read."""
+    h = Headers.__new__(Headers)
+    h._blob = blob
+    h._items = None
+    h.changed = False
+    return h
+
+
+def _wire_response(status: int, blob: bytes) -> Response:
+    r = Response.__new__(Response)
+    r.status = status
+    r._orig_status = status
+    r._headers = _wire_headers(blob)
+    r.body = None
+    return r
+
+
+def _new_request(
+    chain: Chain,
+    method: str,
+    path: str,
+    query: str,
+    headers: bytes,
+    body: bytes | None,
+    meta: tuple[str, str, str, str, str, str],
+) -> Request:
+    req = Request.__new__(Request)
+    req.method = req._orig_method = method
+    req.path = req._orig_path = path
+    req.query = req._orig_query = query
+    req._headers = _wire_headers(headers)
+    req._params = None
+    req._body = body
+    req._body_set = False
+    req.request_id, req.client_ip, req.route, req.host, req.scheme, req.http_version = meta
+    req.consumer = None
+    req.ctx = {}
+    req.response = None
+    return req

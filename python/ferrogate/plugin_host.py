@@ -1,0 +1,96 @@
+"""A worker's plugin host: builds the ``Host`` the data plane calls, from the normalized
+config, each time the config is applied (start and every reload).
+
+Plugin code is imported afresh for every build, so ``ferrogate reload`` picks up changed
+plugin files. The new ``Host`` serves new requests; requests in flight hold the previous one
+(and through it the previous code) until they finish.
+
+Async hooks run on one event loop per worker (uvloop when installed), on a thread of its
+own; the data plane hands such a phase over and awaits the answer without blocking its
+other connections. Sync hooks run inline on the data plane's thread.
+"""
+
+import asyncio
+import json
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from ferrogate.hooks import Chain, Host, Slot
+from ferrogate.plugin_registry import discover
+
+__all__ = ["build_host", "hook_loop", "hooks_of", "load"]
+
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_lock = threading.Lock()
+
+
+def hook_loop() -> asyncio.AbstractEventLoop:
+    """The worker's event loop for async hooks, started on first use."""
+    global _loop
+    with _loop_lock:
+        if _loop is None:
+            try:
+                import uvloop
+
+                loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+            except ImportError:
+                loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name="ferrogate-hooks", daemon=True)
+            thread.start()
+            _loop = loop
+        return _loop
+
+
+def hooks_of(plugin: Any, declared: Mapping[str, bool], response_body: str) -> dict[str, Any]:
+    """The bound hooks of ``plugin`` that run: body hooks only in the body mode its config
+    asked for."""
+    skip = set()
+    if response_body != "buffered":
+        skip.add("on_response_body")
+    if response_body != "streamed":
+        skip.add("on_response_chunk")
+    return {hook: getattr(plugin, hook) for hook in declared if hook not in skip}
+
+
+def build_host(config: dict[str, Any]) -> Host | None:
+    """The plugin host for a normalized config; None when no route has plugins."""
+    routes = config.get("routes", [])
+    if not any(r.get("plugins") for r in routes):
+        return None
+    registry = discover(config.get("plugins_dir"))
+    chains: list[Chain] = [Chain(r["name"], []) for r in routes]
+    any_async = False
+    for route in routes:
+        spec = route.get("plugins")
+        if not spec:
+            continue
+        slots = []
+        for entry in spec["entries"]:
+            plugin_spec = registry.plugins.get(entry["name"])
+            if plugin_spec is None:
+                problems = "; ".join(registry.problems) or "not found"
+                raise RuntimeError(f"plugin '{entry['name']}' is not available: {problems}")
+            plugin = plugin_spec.cls(msgspec.convert(entry["config"], plugin_spec.config_type))
+            hooks = hooks_of(plugin, plugin_spec.hooks, entry.get("response_body", "none"))
+            any_async = any_async or any(plugin_spec.hooks.values())
+            slots.append(
+                Slot(
+                    entry["name"],
+                    plugin,
+                    hooks,
+                    timeout=entry.get("timeout"),
+                    budget=entry.get("budget"),
+                    on_over_budget=entry.get("on_over_budget", "log"),
+                    bypass_for=entry.get("bypass_for", 30.0),
+                )
+            )
+        chains[spec["chain"]] = Chain(route["name"], slots)
+    return Host(chains, hook_loop() if any_async else None)
+
+
+def load(config_json: str) -> Host | None:
+    """Entry point for the data plane: the host for this config text."""
+    return build_host(json.loads(config_json))

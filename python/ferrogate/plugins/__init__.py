@@ -1,0 +1,1 @@
+"""First-party plugins: the request and response transformers, CORS, request termination."""

@@ -1,0 +1,209 @@
+//! The boundary between the request path and a route's plugin chain. The engine knows
+//! only this trait; the Python host behind it lives in the binding crate, so routes
+//! without plugins never touch Python.
+//!
+//! One call crosses per phase per request, whatever the number of plugins: the host runs
+//! the whole chain for that phase and hands back one decision.
+
+use crate::error::GatewayError;
+use bytes::Bytes;
+use http::{HeaderMap, Method, StatusCode};
+use serde::Deserialize;
+use std::any::Any;
+use std::future::Future;
+use std::pin::Pin;
+
+/// How a phase's hooks run: inline on the worker's thread, or on the host's event loop
+/// (the request waits without blocking the worker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HookMode {
+    Sync,
+    Async,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BodyMode {
+    #[default]
+    None,
+    Buffered,
+    Streamed,
+}
+
+/// What a route's chain takes part in, decided by the control plane from the plugins'
+/// declared hooks (`routes[].plugins` of the normalized config).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChainSpec {
+    pub chain: u32,
+    /// The access crossing always happens: it also creates the request's plugin state.
+    pub request: HookMode,
+    #[serde(default)]
+    pub request_body: bool,
+    #[serde(default)]
+    pub response: Option<HookMode>,
+    #[serde(default)]
+    pub response_body: BodyMode,
+    #[serde(default)]
+    pub log: bool,
+    /// Largest buffered body (request or response) in bytes; 0 = no buffering.
+    #[serde(default)]
+    pub body_cap: u64,
+}
+
+impl ChainSpec {
+    /// Whether the response head crosses: for `on_response` hooks, and to give body hooks
+    /// the response they belong to.
+    pub fn crosses_response(&self) -> bool {
+        self.response.is_some() || self.response_body != BodyMode::None
+    }
+}
+
+/// The request as the chain sees it in the access phase.
+pub struct RequestView<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub query: &'a str,
+    pub headers: &'a HeaderMap,
+    pub body: Option<&'a Bytes>,
+    pub request_id: &'a str,
+    pub client_ip: &'a str,
+    pub route: &'a str,
+    pub host: &'a str,
+    pub scheme: &'a str,
+    pub http_version: &'a str,
+}
+
+/// Changes the chain made to the request; `None` fields are unchanged.
+#[derive(Debug, Default)]
+pub struct RequestEdits {
+    pub method: Option<Method>,
+    pub path: Option<String>,
+    pub query: Option<String>,
+    pub headers: Option<HeaderMap>,
+    pub body: Option<Bytes>,
+}
+
+/// A response a plugin answers with instead of the upstream.
+#[derive(Debug)]
+pub struct EarlyResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+#[derive(Debug)]
+pub enum RequestDecision {
+    Continue(RequestEdits),
+    Respond(EarlyResponse),
+}
+
+/// Changes the chain made to the response head.
+#[derive(Debug, Default)]
+pub struct ResponseEdits {
+    pub status: Option<StatusCode>,
+    pub headers: Option<HeaderMap>,
+}
+
+/// The host's per-request state (the plugins' view of the request and its `ctx`), opaque
+/// to the engine; it travels with the request through every phase.
+pub type PluginState = Box<dyn Any + Send + Sync>;
+
+pub type HookResult<T> = Result<T, GatewayError>;
+
+/// A phase's answer: at once (sync hooks) or later (async hooks on the host's loop).
+pub enum Hook<T> {
+    Ready(HookResult<T>),
+    Pending(Pin<Box<dyn Future<Output = HookResult<T>> + Send>>),
+}
+
+impl<T> Hook<T> {
+    pub async fn wait(self) -> HookResult<T> {
+        match self {
+            Hook::Ready(r) => r,
+            Hook::Pending(f) => f.await,
+        }
+    }
+}
+
+/// What the log phase is told about a finished request.
+pub struct LogRecord {
+    pub chain: u32,
+    pub state: PluginState,
+    pub status: u16,
+    pub bytes_sent: u64,
+    pub duration: f64,
+    pub upstream: Option<String>,
+    pub error: Option<String>,
+}
+
+/// A config generation's plugin chains. Calls arrive on the worker's thread.
+pub trait PluginHost: Send + Sync {
+    /// Access phase. Creates the request's state (returned even when the chain fails, so
+    /// that later phases and the log see the request).
+    fn on_request(
+        &self,
+        chain: u32,
+        mode: HookMode,
+        view: &RequestView<'_>,
+    ) -> (Option<PluginState>, Hook<RequestDecision>);
+
+    /// Response head, the upstream's or an early answer.
+    fn on_response(
+        &self,
+        chain: u32,
+        mode: HookMode,
+        state: &PluginState,
+        status: StatusCode,
+        headers: &HeaderMap,
+    ) -> Hook<ResponseEdits>;
+
+    /// The whole response body (buffered mode); may change the head too.
+    fn on_response_body(
+        &self,
+        chain: u32,
+        state: &PluginState,
+        body: Bytes,
+    ) -> HookResult<(ResponseEdits, Bytes)>;
+
+    /// One chunk of a streamed response body; `last` marks the final one.
+    fn on_response_chunk(
+        &self,
+        chain: u32,
+        state: &PluginState,
+        chunk: Bytes,
+        last: bool,
+    ) -> HookResult<Bytes>;
+
+    /// Queue a finished request for the log phase; must not block.
+    fn log(&self, record: LogRecord);
+}
+
+/// Builds each config generation's plugin host from the normalized config text (the
+/// binding crate implements it with the Python plugin host).
+pub trait HostLoader: Send + Sync {
+    fn load(&self, config_json: &str) -> Result<Option<std::sync::Arc<dyn PluginHost>>, String>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_specs_decode_from_the_normalized_config() {
+        let spec: ChainSpec = serde_json::from_str(
+            r#"{"chain": 3, "request": "async", "request_body": true, "response": null,
+                "response_body": "streamed", "log": true, "body_cap": 1024, "entries": []}"#,
+        )
+        .unwrap();
+        assert_eq!(spec.chain, 3);
+        assert_eq!(spec.request, HookMode::Async);
+        assert!(spec.request_body && spec.log);
+        assert_eq!(spec.response_body, BodyMode::Streamed);
+        // a body hook needs the response head even without on_response hooks
+        assert!(spec.crosses_response());
+        let minimal: ChainSpec = serde_json::from_str(r#"{"chain": 0, "request": "sync"}"#).unwrap();
+        assert!(!minimal.crosses_response());
+        assert_eq!(minimal.body_cap, 0);
+    }
+}
