@@ -1,0 +1,371 @@
+#!/usr/bin/env bash
+# run.sh - what Python plugins cost per request: the same GET through four routes of one
+# ferrogate worker, each route with a different plugin chain, and the gateway's CPU time per
+# request on each.
+#
+#   bench/plugins/run.sh                      # a little over 2 minutes
+#   DURATION=6 ROUNDS=5 bench/plugins/run.sh 2>&1 | tee bench/results/DATE-plugins-runN.txt
+#
+# Routes (all to the same origin, which answers a 49-byte JSON body):
+#   /none     no plugin
+#   /noop     noop: on_request returns None                       (bench/plugins/noop.py)
+#   /rt       request-transformer: add 2 headers, remove 1 (sent by wrk on every route)
+#   /stream   noop-stream: on_response_chunk returns None          (bench/plugins/noop.py)
+#
+# Pinning as in ../shared/bench/peers.sh: the gateway (master + 1 worker, every thread) alone
+# on PROXY_CPU; wrk and a private origin nginx on LOAD_CPU. The gateway's CPU time is
+# utime + stime of every process in its process group, from /proc/PID/stat, before and after
+# each wrk run. Everything listens on 127.0.0.1 and is stopped at exit.
+#
+# Environment: DURATION (6 s), WARMUP (2 s), ROUNDS (5), CONNS (64), PROXY_CPU (1), LOAD_CPU (0),
+# PORT_BASE (18090: the origin; the gateway on PORT_BASE + 1), ROUTES ("none noop rt stream"; the
+# first one is the reference of the delta column), FERROGATE (ferrogate). Logs and raw wrk output
+# stay in ${TMPDIR:-/tmp}/ferrogate-bench-plugins-UID-PORT_BASE until the next run.
+#
+# Needs: ferrogate (pip install .), nginx, wrk, taskset, setsid, ss, curl, pgrep, timeout.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+seen=
+DURATION=${DURATION:-6}          # seconds per measured wrk run
+WARMUP=${WARMUP:-2}              # seconds of warm-up per route, before the first round
+ROUNDS=${ROUNDS:-5}              # alternating rounds: none noop rt stream none noop ...
+CONNS=${CONNS:-64}               # wrk connections
+PROXY_CPU=${PROXY_CPU:-1}        # the gateway
+LOAD_CPU=${LOAD_CPU:-0}          # wrk and the origin
+PORT_BASE=${PORT_BASE:-18090}    # origin on PORT_BASE, gateway on PORT_BASE + 1
+FERROGATE=${FERROGATE:-ferrogate}
+ROUTES=${ROUTES:-"none noop rt stream"}
+
+ORIGIN_PORT=$PORT_BASE
+GW_PORT=$((PORT_BASE + 1))
+ORIGIN_URL=http://127.0.0.1:$ORIGIN_PORT
+GW_URL=http://127.0.0.1:$GW_PORT
+# one fixed directory per user and port: reruns overwrite it instead of piling up
+WORK=${TMPDIR:-/tmp}/ferrogate-bench-plugins-$(id -u)-$PORT_BASE
+
+log() { printf '[%3ds] %s\n' "$SECONDS" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+declare -A PGID=()   # service -> its process group (started with setsid)
+WRK_PID=
+STARTED=             # set once WORK belongs to this run
+
+# shellcheck disable=SC2317  # called through trap
+cleanup() {
+    local rc=$? pid _
+    trap - EXIT INT TERM
+    trap '' PIPE
+    if [ -n "$WRK_PID" ]; then kill -TERM "$WRK_PID" 2>/dev/null || true; fi
+    for pid in "${PGID[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
+    for pid in "${PGID[@]}"; do
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL -- "-$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    if [ "${#PGID[@]}" -gt 0 ]; then log "stopped ${#PGID[@]} services (process groups ${PGID[*]})"; fi
+    if [ "$rc" != 0 ] && [ -n "$STARTED" ]; then log "logs in $WORK"; fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# start NAME CPU CMD...: run CMD pinned to CPU, in its own process group
+start() {
+    local name=$1 cpu=$2; shift 2
+    setsid taskset -c "$cpu" "$@" >"$WORK/$name.log" 2>&1 &
+    PGID[$name]=$!
+    log "started $name (pid $!, cpu $cpu)"
+}
+
+wait_http() {  # URL: wait up to 20 s for a 200
+    local _
+    for _ in $(seq 200); do
+        curl -fsS -o /dev/null --max-time 1 "$1" 2>/dev/null && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+check_alive() {
+    local name
+    for name in "${!PGID[@]}"; do
+        kill -0 "${PGID[$name]}" 2>/dev/null || die "$name exited; see $WORK/$name.log"
+    done
+}
+
+# "busy steal total" jiffies of a CPU list (1, 0-2 or 0,2), from /proc/stat
+cpu_sample() {
+    awk -v list="$1" 'BEGIN {
+            n = split(list, part, ",")
+            for (i = 1; i <= n; i++)
+                if (split(part[i], r, "-") == 2) { for (c = r[1]; c <= r[2]; c++) want["cpu" c] = 1 }
+                else want["cpu" part[i]] = 1 }
+        $1 in want { b += $2+$3+$4+$7+$8; s += $9; t += $2+$3+$4+$5+$6+$7+$8+$9 }
+        END { print b + 0, s + 0, t + 0 }' /proc/stat
+}
+
+# utime + stime jiffies of every process in service $1's process group (all threads included)
+service_jiffies() {
+    local p t=0
+    for p in $(pgrep -g "${PGID[$1]}"); do
+        t=$((t + $(awk '{sub(/.*\) /, ""); print $12 + $13}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+    done
+    echo "$t"
+}
+
+# wrk_run LABEL PATH SECONDS; sets LAST to
+#   "rps p50_us p99_us errors gw% load% cpu_us_per_req steal% proxycore% requests"
+# Runs in this shell (not inside $(...)) so that cleanup can always stop wrk.
+LAST=
+wrk_run() {
+    local label=$1 path=$2 secs=$3 out s0 s1 p0 p1 a0 a1
+    out=$WORK/wrk-$label.txt
+    check_alive
+    s0=$(service_jiffies gateway)
+    p0=$(cpu_sample "$PROXY_CPU"); a0=$(cpu_sample "$LOAD_CPU")
+    timeout $((secs + 20)) taskset -c "$LOAD_CPU" \
+        wrk -t1 -c"$CONNS" -d"${secs}s" --timeout 5s --latency -s "$WORK/report.lua" \
+        -H "X-Debug: 1" "$GW_URL$path" >"$out" 2>&1 &
+    WRK_PID=$!
+    wait "$WRK_PID" || true
+    WRK_PID=
+    s1=$(service_jiffies gateway)
+    p1=$(cpu_sample "$PROXY_CPU"); a1=$(cpu_sample "$LOAD_CPU")
+    grep -q '^RESULT' "$out" || die "wrk produced no result for $label; see $out"
+    LAST=$(awk -v s="$((s1 - s0))" -v p0="$p0" -v p1="$p1" -v a0="$a0" -v a1="$a1" '
+        BEGIN { split(p0, P0, " "); split(p1, P1, " "); split(a0, A0, " "); split(a1, A1, " ") }
+        /^RESULT/ {
+            for (i = 2; i <= NF; i++) { split($i, kv, "="); r[kv[1]] = kv[2] }
+            secs = r["duration_us"] / 1e6
+            ptot = P1[3] - P0[3]; atot = A1[3] - A0[3]
+            pcore = 100 * (P1[1] - P0[1]) / ptot; load = 100 * (A1[1] - A0[1]) / atot
+            steal = 100 * ((P1[2] - P0[2]) + (A1[2] - A0[2])) / (ptot + atot)
+            us_req = r["requests"] > 0 ? s * 10000 / r["requests"] : 0   # 1 jiffy = 10000 us
+            printf "%.0f %d %d %d %.0f %.0f %.2f %.1f %.0f %d\n", r["requests"] / secs, r["p50_us"],
+                r["p99_us"], r["socket_errors"] + r["non2xx"], s / secs, load, us_req, steal, pcore,
+                r["requests"]
+        }' "$out")
+}
+
+median() { sort -g | awk '{v[NR] = $1} END {if (NR == 0) print 0; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+
+# ---- preflight -------------------------------------------------------------------------
+for tool in "$FERROGATE" nginx wrk taskset setsid ss curl pgrep timeout; do
+    command -v "$tool" >/dev/null || die "missing tool: $tool"
+done
+[ "$(nproc --all)" -ge 2 ] || die "needs at least 2 CPUs"
+[ "$(getconf CLK_TCK)" = 100 ] || die "CPU accounting assumes 100 clock ticks per second"
+for p in "$ORIGIN_PORT" "$GW_PORT"; do
+    [ -z "$(ss -ltnH "sport = :$p")" ] || die "port $p is already in use (set PORT_BASE)"
+done
+for r in $ROUTES; do
+    case $r in none | noop | rt | stream) ;; *) die "unknown route $r (none noop rt stream)" ;; esac
+done
+ulimit -n "$(ulimit -Hn)"
+rm -rf "$WORK"
+mkdir -p "$WORK/origin"
+STARTED=1
+chmod 755 "$WORK"
+
+estimate=$(( $(wc -w <<<"$ROUTES") * (WARMUP + ROUNDS * DURATION) * 105 / 100 + 10 ))
+echo "# bench/plugins/run.sh $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc --all) CPUs ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), kernel $(uname -r)"
+echo "# $("$FERROGATE" --version 2>&1 | head -1), $(nginx -v 2>&1 | sed 's/.*: //'), $(wrk -v 2>&1 | awk 'NR == 1 {print $1, $2}'), $(python3 --version 2>&1)"
+rev=$(git -C "$HERE" describe --always --dirty 2>/dev/null || true)
+if [ -n "$rev" ]; then echo "# source: git $rev"; fi
+boundary=$(python3 -c 'import ferrogate.hooks as h; print("compiled" if h.__file__.endswith((".so", ".pyd")) else "plain Python")' 2>/dev/null || echo unknown)
+echo "# plugin hook boundary (ferrogate.hooks): $boundary"
+echo "# gateway (1 worker) alone on cpu $PROXY_CPU; wrk (1 thread, $CONNS connections) + origin nginx (1 worker) on cpu $LOAD_CPU"
+echo "# $ROUNDS alternating rounds x ${DURATION}s per route after ${WARMUP}s warm-up; about ${estimate}s"
+q0=$(cpu_sample "$PROXY_CPU"); r0=$(cpu_sample "$LOAD_CPU"); sleep 1; q1=$(cpu_sample "$PROXY_CPU"); r1=$(cpu_sample "$LOAD_CPU")
+awk -v a="$q0 $r0" -v b="$q1 $r1" 'BEGIN {split(a, A, " "); split(b, B, " ")
+    busy = 100 * (B[1] - A[1] + B[4] - A[4]) / (B[3] - A[3] + B[6] - A[6] + 1)
+    if (busy > 10) printf "# WARNING: the machine is %.0f%% busy before the run: expect noisy numbers\n", busy }'
+
+# ---- origin ----------------------------------------------------------------------------
+# The shared origin config listens on a fixed port; this one is the same origin (small JSON
+# from memory, keep-alive without a request cap, no access log) on ORIGIN_PORT. /*/headers
+# answers with the headers this benchmark sets, to check what reached the origin.
+cat >"$WORK/origin/nginx.conf" <<NGINX
+daemon off;
+worker_processes 1;
+pid origin.pid;
+error_log error.log error;
+worker_rlimit_nofile 20000;
+events {
+    worker_connections 8192;
+}
+http {
+    access_log off;
+    server_tokens off;
+    etag off;
+    keepalive_timeout 300s;
+    keepalive_requests 1000000;
+    client_body_temp_path tmp/body;
+    proxy_temp_path tmp/proxy;
+    fastcgi_temp_path tmp/fastcgi;
+    uwsgi_temp_path tmp/uwsgi;
+    scgi_temp_path tmp/scgi;
+    server {
+        listen 127.0.0.1:$ORIGIN_PORT backlog=4096;
+        default_type application/json;
+        location ~ /headers\$ {
+            return 200 'a=\$http_x_bench_tenant b=\$http_x_bench_source debug=\$http_x_debug\n';
+        }
+        location / {
+            return 200 '{"ok":true,"service":"origin","message":"hello"}\n';
+        }
+    }
+}
+NGINX
+mkdir -p "$WORK/origin/tmp"
+start origin "$LOAD_CPU" nginx -p "$WORK/origin/" -c "$WORK/origin/nginx.conf" -e "$WORK/origin/error.log"
+wait_http "$ORIGIN_URL/" || die "origin did not start; see $WORK/origin.log"
+
+# ---- gateway ---------------------------------------------------------------------------
+cat >"$WORK/report.lua" <<'LUA'
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "RESULT requests=%d duration_us=%d p50_us=%d p99_us=%d socket_errors=%d non2xx=%d\n",
+    summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99),
+    e.connect + e.read + e.write + e.timeout, e.status))
+end
+LUA
+
+{
+    cat <<YAML
+listen:
+  - 127.0.0.1:$GW_PORT
+workers: 1
+grace_period: 2s
+plugins_dir: $HERE
+upstreams:
+  origin:
+    targets:
+      - 127.0.0.1:$ORIGIN_PORT
+    keepalive: 1024
+routes:
+YAML
+    # /none is always there: the checks below use it
+    for r in none $ROUTES; do
+        case " $seen " in *" $r "*) continue ;; esac
+        seen="$seen $r"
+        printf '  - name: %s\n    paths: ["/%s/*"]\n    upstream: origin\n' "$r" "$r"
+        case $r in
+        noop) printf '    plugins:\n      - name: noop\n' ;;
+        stream) printf '    plugins:\n      - name: noop-stream\n' ;;
+        rt) cat <<YAML
+    plugins:
+      - name: request-transformer
+        config:
+          add:
+            headers:
+              x-bench-tenant: acme
+              x-bench-source: gateway
+          remove:
+            headers: [x-debug]
+YAML
+            ;;
+        esac
+    done
+} >"$WORK/gateway.yaml"
+"$FERROGATE" check "$WORK/gateway.yaml" >"$WORK/check.log" 2>&1 ||
+    die "the gateway config does not load: $(cat "$WORK/check.log")"
+# no access log: the gateway writes none unless configured to
+start gateway "$PROXY_CPU" "$FERROGATE" run -c "$WORK/gateway.yaml" --workers 1 --pid-file "$WORK/gateway.pid"
+wait_http "$GW_URL/none" || die "the gateway did not answer; see $WORK/gateway.log"
+
+body=$(curl -fsS "$ORIGIN_URL/")
+for r in $ROUTES; do
+    got=$(curl -sS -H "X-Debug: 1" -w '%{http_code}' "$GW_URL/$r" 2>&1 || true)
+    [ "$got" = "$body"$'\n200' ] || die "GET /$r did not return the origin's body: $got (see $WORK/gateway.log)"
+done
+want_none="a= b= debug=1"
+[ "$(curl -fsS -H "X-Debug: 1" "$GW_URL/none/headers")" = "$want_none" ] ||
+    die "/none changed the request headers"
+if [[ " $ROUTES " == *" rt "* ]]; then
+    got=$(curl -fsS -H "X-Debug: 1" "$GW_URL/rt/headers")
+    [ "$got" = "a=acme b=gateway debug=" ] || die "/rt: the request-transformer did not apply its rules ($got)"
+fi
+log "origin and gateway are up; bodies match on every route, /rt applies its header rules"
+
+# ---- measure ---------------------------------------------------------------------------
+RESULTS=$WORK/results.txt   # route round, then the fields of LAST
+: >"$RESULTS"
+for r in $ROUTES; do wrk_run "$r-warmup" "/$r" "$WARMUP"; done
+for n in $(seq "$ROUNDS"); do
+    for r in $ROUTES; do
+        wrk_run "$r-r$n" "/$r" "$DURATION"
+        echo "$r $n $LAST" >>"$RESULTS"
+        log "  round $n /$r: $(awk '{printf "%s req/s, p99 %.2f ms, %s cpu us/req, gateway %s%%, load %s%%, err %s", $1, $3 / 1000, $7, $5, $6, $4}' <<<"$LAST")"
+    done
+done
+check_alive
+
+# ---- report ----------------------------------------------------------------------------
+# results.txt fields: 1 route 2 round 3 rps 4 p50_us 5 p99_us 6 errors 7 gw% 8 load%
+#   9 cpu_us_per_req 10 steal% 11 proxycore% 12 requests
+col() { awk -v r="$1" -v c="$2" '$1 == r {print $c}' "$RESULTS"; }
+# per-round CPU us/req of route $1 minus that of /none in the same round
+deltas() {
+    awk -v r="$1" '$1 == "none" {base[$2] = $9} $1 == r {cur[$2] = $9}
+        END {for (n in cur) if (n in base) printf "%.2f\n", cur[n] - base[n]}' "$RESULTS"
+}
+ref=${ROUTES%% *}
+cat <<EOF
+
+req/s: median of the rounds (min..max); p50/p99: medians of the rounds' percentiles, ms.
+cpu us/req: utime + stime of the gateway's processes (master + worker, all threads) per request,
+median of the rounds (min..max).  delta: median over the rounds of (route - /$ref) cpu us/req,
+both taken in the same round.  gw%: the gateway's CPU time as a share of one core (~100 =
+saturated).  load%: busy share of the load core (wrk + origin); L marks >= 90%.
+err: socket errors + non-2xx responses, summed over the rounds.
+
+== GET /ROUTE, 49-byte JSON, wrk -t1 -c$CONNS -d${DURATION}s, $ROUNDS rounds, 1 worker ==
+EOF
+printf '%-8s %7s %-15s %6s %6s %6s %-13s %6s %5s %6s %5s\n' route "req/s" "(min..max)" p50 p99 \
+    "cpu us" "(min..max)" delta gw% load% err
+printf '%-8s %7s %-15s %6s %6s %6s %-13s %6s %5s %6s %5s\n' "" "" "" "" "" "/req" "" "us/req" "" "" ""
+for r in $ROUTES; do
+    delta=-
+    if [ "$r" != "$ref" ]; then delta=$(deltas "$r" | median | awk '{printf "%+.2f", $1}'); fi
+    awk -v r="/$r" -v delta="$delta" \
+        -v rps="$(col "$r" 3 | median)" -v lo="$(col "$r" 3 | sort -g | head -1)" -v hi="$(col "$r" 3 | sort -g | tail -1)" \
+        -v p50="$(col "$r" 4 | median)" -v p99="$(col "$r" 5 | median)" \
+        -v us="$(col "$r" 9 | median)" -v ulo="$(col "$r" 9 | sort -g | head -1)" -v uhi="$(col "$r" 9 | sort -g | tail -1)" \
+        -v gw="$(col "$r" 7 | median)" -v load="$(col "$r" 8 | median)" \
+        -v err="$(col "$r" 6 | awk '{s += $1} END {print s + 0}')" 'BEGIN {
+        printf "%-8s %7.0f %-15s %6.2f %6.2f %6.2f %-13s %6s %5.0f %5.0f%1s %5d\n", r, rps,
+            "(" lo ".." hi ")", p50 / 1000, p99 / 1000, us, "(" ulo ".." uhi ")", delta, gw, load,
+            (load >= 90 ? "L" : " "), err }'
+done
+echo
+echo "per-round cpu us/req (rounds in order):"
+for r in $ROUTES; do
+    printf '  %-8s %s\n' "/$r" "$(col "$r" 9 | tr '\n' ' ')"
+done
+
+if [ "$ref" = none ]; then
+    echo
+    verdict() {  # ROUTE LIMIT LABEL
+        [[ " $ROUTES " == *" $1 "* ]] || { echo "$3: not measured"; return; }
+        deltas "$1" | median | awk -v l="$2" -v t="$3" '{
+            if (l == "") printf "%s: %+.2f us/req (reported)\n", t, $1
+            else printf "%s: %+.2f us/req, target <= %s: %s\n", t, $1, l, ($1 <= l ? "met" : "NOT met") }'
+    }
+    verdict noop 5 "noop plugin (on_request)"
+    verdict rt 10 "request-transformer (add 2 headers, remove 1)"
+    verdict stream "" "noop-stream plugin (on_response_chunk)"
+fi
+
+awk '$11 - $7 > 10 {n++} $10 > m {m = $10} END {
+    if (n) printf "\nWARNING: in %d runs other processes used >10%% of the gateway core (shared machine)\n", n
+    if (m > 5) printf "WARNING: up to %.0f%% CPU steal by the host during runs\n", m }' "$RESULTS"
+errors=$(grep -c '"level":"error"' "$WORK/gateway.log" || true)
+if [ "$errors" != 0 ]; then
+    echo "WARNING: the gateway logged $errors error events; see $WORK/gateway.log"
+fi
+exit 0
