@@ -291,6 +291,18 @@ def test_plugin_exception_gives_500_with_traceback_logged(
     assert gw.worker_pids() == worker
 
 
+def test_a_header_a_plugin_cannot_send_is_refused_not_forwarded(
+    gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    gw = gateway(one_route(upstream, {"name": "t-boom"}), workers=1)
+    r = gw.get("/x", headers={"x-boom": "header"})
+    assert r.status_code == 500
+    assert r.json()["error"]["message"] == (
+        'plugin chain returned an invalid value for header "x-injected"'
+    )
+    assert upstream.count == 0
+
+
 def test_log_phase_sees_the_finished_request(
     gateway: GatewayFactory, upstream: Upstream, tmp_path: Path
 ) -> None:

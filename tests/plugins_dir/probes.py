@@ -66,6 +66,8 @@ class Boom(Plugin):
     def on_request(self, req: Request) -> None:
         if req.headers.get("x-boom") == "request":
             raise RuntimeError("boom in on_request")
+        if req.headers.get("x-boom") == "header":
+            req.headers["x-injected"] = "a\r\nx-evil: 1"
 
     def on_response(self, req: Request, resp: Response) -> None:
         if req.headers.get("x-boom") == "response":

@@ -15,7 +15,7 @@ use ferrogate_engine::plugins::{
 use ferrogate_engine::server::log_event;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList, PyTuple};
+use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 use pyo3::{intern, IntoPyObjectExt};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
@@ -153,15 +153,30 @@ fn header_map(list: &Bound<'_, PyAny>) -> HookResult<HeaderMap> {
         .map_err(|_| invalid("headers that are not a list"))?;
     let mut map = HeaderMap::with_capacity(list.len());
     for item in list.iter() {
-        let (name, value): (String, String) = item
-            .extract()
-            .map_err(|_| invalid("a header that is not a (name, value) pair of str"))?;
+        let pair = item
+            .cast::<PyTuple>()
+            .ok()
+            .filter(|t| t.len() == 2)
+            .ok_or_else(|| invalid("a header that is not a (name, value) pair"))?;
+        let text = |i: usize| -> HookResult<Bound<'_, PyString>> {
+            pair.get_item(i)
+                .ok()
+                .and_then(|v| v.cast_into::<PyString>().ok())
+                .ok_or_else(|| invalid("a header name or value that is not a str"))
+        };
+        let (name, value) = (text(0)?, text(1)?);
+        // Borrowed UTF-8 views: no copy until the header map takes the bytes.
+        let name = name.to_str().map_err(|_| invalid("a header name that is not text"))?;
+        let value = value.to_str().map_err(|_| invalid("a header value that is not text"))?;
         let hname = HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| invalid(format_args!("an invalid header name {name:?}")))?;
-        let bytes: Option<Vec<u8>> = value.chars().map(|c| u8::try_from(c as u32).ok()).collect();
-        let hvalue = bytes
-            .and_then(|b| HeaderValue::from_bytes(&b).ok())
-            .ok_or_else(|| invalid(format_args!("an invalid value for header {name:?}")))?;
+        let hvalue = if value.is_ascii() {
+            HeaderValue::from_str(value).ok()
+        } else {
+            let bytes: Option<Vec<u8>> = value.chars().map(|c| u8::try_from(c as u32).ok()).collect();
+            bytes.and_then(|b| HeaderValue::from_bytes(&b).ok())
+        }
+        .ok_or_else(|| invalid(format_args!("an invalid value for header {name:?}")))?;
         map.append(hname, hvalue);
     }
     Ok(map)
