@@ -320,3 +320,67 @@ def test_broken_plugin_code_on_reload_keeps_the_old_code_serving(
     r = gw.get("/still")
     assert r.status_code == 200
     assert r.headers["x-version"] == "1"
+
+
+def test_plugin_time_is_published_per_plugin_and_phase(
+    gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    gw = gateway(
+        {
+            "plugins_dir": PLUGINS_DIR,
+            "routes": [
+                {
+                    "name": "timed",
+                    "paths": ["/*"],
+                    "upstream": upstream.url,
+                    "plugins": [
+                        {"name": "t-stamp"},
+                        {"name": "t-slow-sync", "config": {"delay": 0.02}, "budget": "5ms"},
+                    ],
+                }
+            ],
+        },
+        workers=2,
+    )
+    with gw.client(limits=httpx.Limits(max_keepalive_connections=0)) as client:
+        for _ in range(10):
+            assert client.get("/t").status_code == 200
+
+    def stats() -> dict[tuple[str, str], dict[str, int]]:
+        out = run_cli("plugins", "--stats", "--json", "--pid-file", str(gw.pid_file))
+        assert out.returncode == 0, out.stderr
+        return {(r["plugin"], r["phase"]): r for r in json.loads(out.stdout)}
+
+    deadline = time.monotonic() + 10
+    seen = stats()
+    # every request, the readiness probe included, has been counted by some worker
+    while (
+        time.monotonic() < deadline
+        and seen.get(("t-stamp", "on_response"), {}).get("calls", 0) < 10
+    ):
+        time.sleep(0.2)
+        seen = stats()
+    stamp = seen[("t-stamp", "on_request")]
+    slow = seen[("t-slow-sync", "on_request")]
+    assert stamp["calls"] >= 10 and seen[("t-stamp", "on_response")]["calls"] >= 10
+    assert slow["calls"] == stamp["calls"]
+    assert slow["over_budget"] == slow["calls"]
+    assert slow["total_ns"] >= slow["calls"] * 20_000_000 > stamp["total_ns"]
+    assert slow["max_ns"] >= 20_000_000
+
+    # counters carry on across a reload
+    before = slow["calls"]
+    gw.signal(signal.SIGHUP)
+    time.sleep(0.5)
+    for _ in range(3):
+        gw.get("/t")
+    deadline = time.monotonic() + 10
+    while (
+        time.monotonic() < deadline and stats()[("t-slow-sync", "on_request")]["calls"] < before + 3
+    ):
+        time.sleep(0.2)
+    assert stats()[("t-slow-sync", "on_request")]["calls"] >= before + 3
+
+    text = run_cli("plugins", "--stats", "--pid-file", str(gw.pid_file)).stdout
+    assert "timed  t-slow-sync  on_request" in text
+    assert "(2 workers; counters since start)" in text

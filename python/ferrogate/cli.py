@@ -147,11 +147,70 @@ def _field_lines(schema: dict[str, Any], defs: dict[str, Any], indent: str) -> l
     return lines
 
 
+def _plugin_stats(args: argparse.Namespace) -> int:
+    """Sum the per-plugin timings the running workers publish."""
+    from ferrogate.runtime_files import plugin_stats_files
+
+    if args.pid_file is not None:
+        pid_file = Path(args.pid_file)
+    elif args.config is not None:
+        pid_file = _pid_file_of_config(args.config)
+    else:
+        print("--stats needs -c FILE or --pid-file P of a running gateway", file=sys.stderr)
+        return 2
+    totals: dict[tuple[str, str, str], dict[str, int]] = {}
+    workers = 0
+    for path in plugin_stats_files(pid_file):
+        try:
+            record = json.loads(path.read_text())
+            os.kill(int(record["pid"]), 0)
+        except (OSError, ValueError, KeyError):
+            continue  # a worker that is gone, or a file being replaced
+        workers += 1
+        for route, plugins in record["routes"].items():
+            for plugin, phases in plugins.items():
+                for phase, counts in phases.items():
+                    total = totals.setdefault((route, plugin, phase), dict.fromkeys(counts, 0))
+                    for key, value in counts.items():
+                        total[key] = (
+                            max(total[key], value) if key == "max_ns" else total[key] + value
+                        )
+    if args.json:
+        out = [
+            {"route": r, "plugin": p, "phase": ph, "workers": workers, **c}
+            for (r, p, ph), c in sorted(totals.items())
+        ]
+        print(json.dumps(out, indent=2))
+        return 0
+    if not workers:
+        print(f"no plugin timings published for {pid_file} (is it running, with plugins?)")
+        return 1
+    rows = [
+        [
+            r,
+            p,
+            ph,
+            str(c["calls"]),
+            f"{c['total_ns'] / max(c['calls'], 1) / 1000:.1f}",
+            f"{c['max_ns'] / 1000:.1f}",
+            str(c["errors"]),
+            str(c["over_budget"]),
+        ]
+        for (r, p, ph), c in sorted(totals.items())
+    ]
+    header = ["ROUTE", "PLUGIN", "PHASE", "CALLS", "MEAN_US", "MAX_US", "ERRORS", "OVER_BUDGET"]
+    print(_format_table(header, rows))
+    print(f"({workers} worker{'s' if workers != 1 else ''}; counters since start)")
+    return 0
+
+
 def _cmd_plugins(args: argparse.Namespace) -> int:
     import msgspec
 
     from ferrogate.plugin_registry import discover
 
+    if args.stats:
+        return _plugin_stats(args)
     plugins_dir = args.plugins_dir
     if plugins_dir is None and args.config is not None:
         from ferrogate.config import ConfigError, load_config
@@ -321,6 +380,12 @@ def _parser() -> argparse.ArgumentParser:
     plugins.add_argument("-c", "--config", metavar="FILE", help="include its plugins_dir")
     plugins.add_argument("--plugins-dir", metavar="DIR", help="a directory of plugin files")
     plugins.add_argument("--json", action="store_true", help="JSON, with full config schemas")
+    plugins.add_argument(
+        "--stats",
+        action="store_true",
+        help="time spent per plugin and phase in the running gateway (-c or --pid-file)",
+    )
+    plugins.add_argument("--pid-file", metavar="P", help="with --stats: the master's pid file")
     plugins.set_defaults(handler=_cmd_plugins)
 
     schema = commands.add_parser("schema", help="print the JSON Schema of the config file")

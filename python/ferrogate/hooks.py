@@ -868,6 +868,8 @@ class Host:
         out: dict[str, dict[str, dict[str, dict[str, int]]]] = {}
         for chain in self.chains:
             seen = {*chain.request, *chain.response, *chain.body, *chain.log}
+            if not seen:
+                continue
             out[chain.route] = {
                 s.name: {p: st.as_dict() for p, st in s.stats.items() if st.calls or st.errors}
                 for s in seen

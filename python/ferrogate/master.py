@@ -27,6 +27,7 @@ from ferrogate.config import ConfigError, LoadedConfig, load_config
 from ferrogate.events import emit
 from ferrogate.listeners import local_url, open_listener
 from ferrogate.runtime_files import (
+    plugin_stats_files,
     read_pid,
     remove_quietly,
     resolve_pid_file,
@@ -143,6 +144,8 @@ class Master:
                 return 1
             try:
                 self.owns_files = True
+                # Timings left by the workers of an earlier run are not ours to show.
+                remove_quietly(*plugin_stats_files(self.pid_file))
                 self._write_runtime(loaded.normalized)
                 write_atomic(self.pid_file, f"{os.getpid()}\n")
             except OSError as e:
@@ -172,7 +175,9 @@ class Master:
                 if sock is not None:
                     sock.close()
             if self.owns_files and read_pid(self.pid_file) in (os.getpid(), None):
-                remove_quietly(self.pid_file, self.runtime, self.status)
+                remove_quietly(
+                    self.pid_file, self.runtime, self.status, *plugin_stats_files(self.pid_file)
+                )
 
     def _open_sockets(self, loaded: LoadedConfig) -> bool:
         wanted: list[str] = list(loaded.normalized["listen"])

@@ -12,8 +12,11 @@ other connections. Sync hooks run inline on the data plane's thread.
 
 import asyncio
 import json
+import os
 import threading
+import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -21,10 +24,45 @@ import msgspec
 from ferrogate.hooks import Chain, Host, Slot
 from ferrogate.plugin_registry import discover
 
-__all__ = ["build_host", "hook_loop", "hooks_of", "load"]
+__all__ = ["build_host", "hook_loop", "hooks_of", "load", "publish_stats"]
 
 _loop: asyncio.AbstractEventLoop | None = None
 _loop_lock = threading.Lock()
+
+# The host serving new requests, and where its plugin timings are published.
+_current: Host | None = None
+_stats_path: Path | None = None
+_stats_worker = 0
+STATS_INTERVAL = 2.0
+
+
+def publish_stats(path: str | os.PathLike[str], worker_id: int) -> None:
+    """Write this worker's per-plugin timings to ``path`` every ``STATS_INTERVAL`` seconds
+    (`ferrogate plugins --stats` sums the workers' files). Counters survive reloads."""
+    global _stats_path, _stats_worker
+    _stats_path = Path(path)
+    _stats_worker = worker_id
+    threading.Thread(target=_stats_loop, name="ferrogate-plugin-stats", daemon=True).start()
+
+
+def _stats_loop() -> None:
+    while True:
+        time.sleep(STATS_INTERVAL)
+        host, path = _current, _stats_path
+        if host is None or path is None:
+            continue
+        record = {
+            "pid": os.getpid(),
+            "worker": _stats_worker,
+            "ts": round(time.time(), 3),
+            "routes": host.stats(),
+        }
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            tmp.write_text(json.dumps(record, separators=(",", ":")))
+            os.replace(tmp, path)
+        except OSError:
+            pass
 
 
 def hook_loop() -> asyncio.AbstractEventLoop:
@@ -88,9 +126,29 @@ def build_host(config: dict[str, Any]) -> Host | None:
                 )
             )
         chains[spec["chain"]] = Chain(route["name"], slots)
-    return Host(chains, hook_loop() if any_async else None)
+    host = Host(chains, hook_loop() if any_async else None)
+    if _current is not None:
+        _carry_stats(_current, host)
+    return host
+
+
+def _carry_stats(old: Host, new: Host) -> None:
+    """A reloaded plugin on the same route keeps counting where it was."""
+    previous = {
+        (chain.route, slot.name): slot.stats
+        for chain in old.chains
+        for slot in {*chain.request, *chain.response, *chain.body, *chain.log}
+    }
+    for chain in new.chains:
+        for slot in {*chain.request, *chain.response, *chain.body, *chain.log}:
+            stats = previous.get((chain.route, slot.name))
+            if stats is not None:
+                slot.stats = stats
 
 
 def load(config_json: str) -> Host | None:
     """Entry point for the data plane: the host for this config text."""
-    return build_host(json.loads(config_json))
+    global _current
+    host = build_host(json.loads(config_json))
+    _current = host
+    return host

@@ -48,6 +48,18 @@ def status_file(pid_file: Path) -> Path:
     return _beside(pid_file, ".status.json")
 
 
+def plugin_stats_file(runtime: Path, worker_id: int) -> Path:
+    """Where worker ``worker_id`` of the master using ``runtime`` keeps its plugin timings."""
+    stem = runtime.name.removesuffix(".runtime.json")
+    return runtime.with_name(f"{stem}.plugin-stats.{worker_id}.json")
+
+
+def plugin_stats_files(pid_file: Path) -> list[Path]:
+    """Every worker's plugin timings file of the master with ``pid_file``."""
+    stem = runtime_file(pid_file).name.removesuffix(".runtime.json")
+    return sorted(pid_file.parent.glob(f"{stem}.plugin-stats.*.json"))
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` in one step: a reader sees the old content or the new, never half."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ import argparse
 import signal
 import sys
 import traceback
+from pathlib import Path
 
 
 def _fd_list(text: str) -> list[int]:
@@ -16,12 +17,25 @@ def _fd_list(text: str) -> list[int]:
     return fds
 
 
-def _load_plugins(config_json: str) -> object:
+class _PluginLoader:
     """Called by the data plane for each config with plugins (imported late: workers
     without plugins never load the plugin machinery)."""
-    from ferrogate.plugin_host import load
 
-    return load(config_json)
+    def __init__(self, runtime: str, worker_id: int) -> None:
+        self.runtime = runtime
+        self.worker_id = worker_id
+        self.publishing = False
+
+    def __call__(self, config_json: str) -> object:
+        from ferrogate import plugin_host
+        from ferrogate.runtime_files import plugin_stats_file
+
+        host = plugin_host.load(config_json)
+        if not self.publishing:
+            self.publishing = True
+            path = plugin_stats_file(Path(self.runtime), self.worker_id)
+            plugin_host.publish_stats(path, self.worker_id)
+        return host
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     from ferrogate import _core
 
     try:
-        _core.serve(args.fds, args.config, args.worker_id, _load_plugins)
+        _core.serve(
+            args.fds, args.config, args.worker_id, _PluginLoader(args.config, args.worker_id)
+        )
     except Exception:
         traceback.print_exc()
         return 1
