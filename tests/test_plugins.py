@@ -429,3 +429,25 @@ def test_async_log_hooks_run_on_the_hook_loop(
         time.sleep(0.05)
     records = [json.loads(x) for x in log.read_text().splitlines()]
     assert {"path": "/async-log", "status": 200} in records
+
+
+def test_one_plugin_object_per_plugin_and_config_in_a_worker(
+    gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    gw = gateway(
+        config(
+            upstream,
+            {"name": "a", "paths": ["/a"]},
+            {"name": "b", "paths": ["/b"]},
+            {
+                "name": "c",
+                "paths": ["/c"],
+                "plugins": [{"name": "t-instance", "config": {"label": "own"}}],
+            },
+            plugins=[{"name": "t-instance"}],
+        ),
+        workers=1,
+    )
+    a, b, c = (gw.get(p).headers["x-instance"] for p in ("/a", "/b", "/c"))
+    assert a == b
+    assert c != a and c.endswith(":own")

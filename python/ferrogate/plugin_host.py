@@ -100,6 +100,7 @@ def build_host(config: dict[str, Any]) -> Host | None:
         return None
     registry = discover(config.get("plugins_dir"))
     chains: list[Chain] = [Chain(r["name"], []) for r in routes]
+    instances: dict[tuple[str, str], Any] = {}
     any_async = False
     for route in routes:
         spec = route.get("plugins")
@@ -111,7 +112,13 @@ def build_host(config: dict[str, Any]) -> Host | None:
             if plugin_spec is None:
                 problems = "; ".join(registry.problems) or "not found"
                 raise RuntimeError(f"plugin '{entry['name']}' is not available: {problems}")
-            plugin = plugin_spec.cls(msgspec.convert(entry["config"], plugin_spec.config_type))
+            # One instance per plugin and config in a worker: a top-level plugin on every
+            # route is one object (with one connection pool, one cache), as in Kong.
+            key = (entry["name"], json.dumps(entry["config"], sort_keys=True))
+            plugin = instances.get(key)
+            if plugin is None:
+                config_struct = msgspec.convert(entry["config"], plugin_spec.config_type)
+                plugin = instances[key] = plugin_spec.cls(config_struct)
             hooks = hooks_of(plugin, plugin_spec.hooks, entry.get("response_body", "none"))
             any_async = any_async or any(plugin_spec.hooks.values())
             slots.append(

@@ -204,3 +204,15 @@ class AsyncLog(Plugin):
         await asyncio.sleep(0.01)
         with open(self.config.path, "a") as f:
             f.write(json.dumps({"path": req.path, "status": info.status}) + "\n")
+
+
+class Instance(Plugin):
+    """Says which plugin object served the request."""
+
+    name = "t-instance"
+
+    class Config(msgspec.Struct, forbid_unknown_fields=True):
+        label: str = ""
+
+    def on_response(self, req: Request, resp: Response) -> None:
+        resp.headers["x-instance"] = f"{id(self)}:{self.config.label}"
