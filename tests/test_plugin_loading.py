@@ -149,7 +149,7 @@ def test_routes_command_shows_the_run_order(tmp_path: Path, upstream: Upstream) 
     )
     out = run_cli("routes", "-c", str(path))
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "t-mark-a > t-mark-b > t-mark-c" in out.stdout
+    assert "t-mark-a(30) > t-mark-b(20) > t-mark-c(10)" in out.stdout
 
 
 def make_entry_point_package(site: Path) -> None:

@@ -91,7 +91,9 @@ def _cmd_routes(args: argparse.Namespace) -> int:
             _print_problems(e, sys.stderr)
             return 2
     chains = {
-        r["name"]: [e["name"] for e in (r.get("plugins") or {}).get("entries", [])]
+        r["name"]: [
+            f"{e['name']}({e['priority']})" for e in (r.get("plugins") or {}).get("entries", [])
+        ]
         for r in loaded.normalized["routes"]
     }
     rows = []
@@ -121,7 +123,7 @@ def _cmd_routes(args: argparse.Namespace) -> int:
         "ROUTE",
         "UPSTREAM",
         "REWRITE",
-        "PLUGINS (run order)",
+        "PLUGINS (run order, priority)",
     ]
     print(_format_table(header, rows))
     return 0

@@ -166,8 +166,12 @@ fn header_map(list: &Bound<'_, PyAny>) -> HookResult<HeaderMap> {
         };
         let (name, value) = (text(0)?, text(1)?);
         // Borrowed UTF-8 views: no copy until the header map takes the bytes.
-        let name = name.to_str().map_err(|_| invalid("a header name that is not text"))?;
-        let value = value.to_str().map_err(|_| invalid("a header value that is not text"))?;
+        let name = name
+            .to_str()
+            .map_err(|_| invalid("a header name that is not text"))?;
+        let value = value
+            .to_str()
+            .map_err(|_| invalid("a header value that is not text"))?;
         let hname = HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| invalid(format_args!("an invalid header name {name:?}")))?;
         let hvalue = if value.is_ascii() {
