@@ -60,6 +60,7 @@ cdef class Request:
     cdef public object scheme
     cdef public object http_version
     cdef public object consumer
+    cdef public object credential
     cdef public object ctx
     cdef public Response response
 

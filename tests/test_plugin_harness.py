@@ -22,8 +22,9 @@ def test_request_edits_come_back_as_one_decision() -> None:
     out = h.request("GET", "/old", query="drop=1&keep=2", headers={"X-Secret": "s"})
     assert out.response is None
     assert out.decision is not None
-    kind, method, path, query, headers, body = out.decision
+    kind, method, path, query, headers, body, consumer, credential = out.decision
     assert (kind, method, path, query, body) == (0, "PATCH", "/new", "keep=2&added=a%20b", None)
+    assert (consumer, credential) == (None, None)
     assert headers == [("x-added", "yes")]
 
 

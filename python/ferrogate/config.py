@@ -6,6 +6,7 @@ syntax, unknown keys, missing fields and wrong types (``structcheck``), cross-fi
 rejects. What it returns carries the *normalized* JSON the Rust workers read.
 """
 
+import ipaddress
 import json
 import os
 import re
@@ -35,6 +36,8 @@ __all__ = [
     "PluginUse",
     "Predicate",
     "Problem",
+    "RateLimit",
+    "RateLimiting",
     "Route",
     "Target",
     "Timeouts",
@@ -185,6 +188,44 @@ class PluginUse(_Section, kw_only=True, frozen=True):
     ] = 30.0
 
 
+LIMIT_KEY_PATTERN = r"^(ip|consumer|credential|route|header:.+)$"
+LIMIT_KEY_SOURCES = ("ip", "consumer", "credential", "route", "header")
+LimitKeyText = Annotated[str, Meta(extra_json_schema={"pattern": LIMIT_KEY_PATTERN})]
+
+
+class RateLimit(_Section, kw_only=True, frozen=True):
+    """`limit` requests per `per` for each key; the node's workers share the counters."""
+
+    limit: Annotated[int, Meta(ge=1, description="Requests allowed per `per`.")]
+    per: Annotated[Duration, Meta(description="The period: 1s, 1m, 1h, 1d.")]
+    burst: Annotated[
+        Annotated[int, Meta(ge=1)] | None,
+        Meta(description="Requests allowed at once; default: `limit`."),
+    ] = None
+    key: Annotated[
+        LimitKeyText | list[LimitKeyText],
+        Meta(
+            description='Who a bucket belongs to: "ip" (behind trusted_proxies: the client), '
+            '"consumer", "credential", "route", "header:NAME", or a list of these combined. '
+            "An absent consumer, credential or header counts against the client's address."
+        ),
+    ] = "ip"
+    name: Annotated[str | None, Meta(description="Names the limit in errors and logs.")] = None
+
+
+class RateLimiting(_Section, kw_only=True, frozen=True):
+    """The node-wide table the rate limits count in."""
+
+    slots: Annotated[
+        int,
+        Meta(
+            ge=1024,
+            description="Buckets the table holds (16 bytes each, shared by all workers); "
+            "rounded up to a power of two; a change needs a restart.",
+        ),
+    ] = 1 << 18
+
+
 class Route(_Section, kw_only=True, frozen=True):
     """Requests matching every given condition are forwarded to `upstream`."""
 
@@ -235,6 +276,9 @@ class Route(_Section, kw_only=True, frozen=True):
         list[PluginUse],
         Meta(description="Plugins on this route, added to (or replacing) the top-level ones."),
     ] = []
+    rate_limits: Annotated[
+        list[RateLimit], Meta(description="Limits counted for this route alone.")
+    ] = []
 
 
 class Config(_Section, kw_only=True, frozen=True):
@@ -273,6 +317,20 @@ class Config(_Section, kw_only=True, frozen=True):
     routes: Annotated[list[Route], Meta(description="The routing table.")]
     plugins: Annotated[
         list[PluginUse], Meta(description="Plugins on every route (a route may override one).")
+    ] = []
+    rate_limits: Annotated[
+        list[RateLimit],
+        Meta(description="Limits on every route, one bucket per key across all of them."),
+    ] = []
+    rate_limiting: Annotated[
+        RateLimiting, Meta(description="The shared table of rate limit counters.")
+    ] = msgspec.field(default_factory=RateLimiting)
+    trusted_proxies: Annotated[
+        list[str],
+        Meta(
+            description="Addresses or CIDRs of proxies in front of the gateway: their "
+            "X-Forwarded-For tells the client's address (for `ip` rate limit keys)."
+        ),
     ] = []
     plugins_dir: Annotated[
         str | None,
@@ -384,7 +442,50 @@ class _Normalizer:
             "upstreams": out_upstreams,
             "routes": out_routes,
             "plugins_dir": plugins_dir,
+            "rate_limits": [
+                self.rate_limit(limit, ("rate_limits", j), "*")
+                for j, limit in enumerate(cfg.rate_limits)
+            ],
+            "rate_limiting": {"slots": 1 << (cfg.rate_limiting.slots - 1).bit_length()},
+            "trusted_proxies": [
+                self.network(text, ("trusted_proxies", j))
+                for j, text in enumerate(cfg.trusted_proxies)
+            ],
         }
+
+    def network(self, text: str, at: DataPath) -> str:
+        try:
+            return str(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            self.report(at, f"'{text}' is not an IP address or CIDR (10.0.0.0/8, ::1)")
+            return "0.0.0.0/32"
+
+    def rate_limit(self, limit: RateLimit, at: DataPath, scope: str) -> dict[str, Any]:
+        per = self.duration(limit.per, (*at, "per"))
+        if per <= 0:
+            self.report((*at, "per"), "the period must be longer than zero")
+        keys = [limit.key] if isinstance(limit.key, str) else limit.key
+        if not keys:
+            self.report((*at, "key"), "a limit needs at least one key")
+        out_keys = []
+        for k, text in enumerate(keys):
+            where = (*at, "key", k) if not isinstance(limit.key, str) else (*at, "key")
+            source, _, name = text.partition(":")
+            if source not in LIMIT_KEY_SOURCES or (source == "header") != bool(name):
+                hint = did_you_mean(source, LIMIT_KEY_SOURCES)
+                self.report(
+                    where,
+                    f"unknown key {text!r}{hint}: use ip, consumer, credential, route "
+                    "or header:NAME",
+                )
+                source, name = "ip", ""
+            elif source == "header" and not _TOKEN.fullmatch(name):
+                self.report(where, f"invalid header name {name!r}")
+            out_keys.append({"source": source, "name": name or None})
+        burst = limit.burst if limit.burst is not None else limit.limit
+        # The buckets keep counting across a reload as long as the limit means the same.
+        ident = json.dumps([scope, limit.name or at[-1], limit.limit, per, burst, keys])
+        return {"id": ident, "limit": limit.limit, "per": per, "burst": burst, "key": out_keys}
 
     def plugins(self, cfg: Config) -> str | None:
         """Discover plugins (when the config uses any) and check the top-level ones."""
@@ -547,6 +648,10 @@ class _Normalizer:
             "preserve_host": route.preserve_host,
             "priority": route.priority,
             "plugins": chain_of(i, self.top_plugins, own),
+            "rate_limits": [
+                self.rate_limit(limit, (*at, "rate_limits", j), name)
+                for j, limit in enumerate(route.rate_limits)
+            ],
         }
 
     def url_upstream(

@@ -9,8 +9,9 @@ Wire formats at the boundary:
 - headers in: one ``bytes`` blob, ``name:value\\n`` per field (names lower-case), parsed only
   when a plugin first touches ``headers``;
 - headers out: a list of ``(name, value)`` str pairs, only when a plugin changed them;
-- request decision: ``None`` (nothing changed), ``(0, method, path, query, headers, body)``
-  (each ``None`` when unchanged), ``(1, status, headers, body)`` to answer early, or
+- request decision: ``None`` (nothing changed),
+  ``(0, method, path, query, headers, body, consumer, credential)`` (each ``None`` when
+  unchanged or unset), ``(1, status, headers, body)`` to answer early, or
   ``(2, message)`` when a plugin failed;
 - response decision: ``None`` or ``(status, headers)``.
 """
@@ -242,7 +243,8 @@ class Request:
     upstream (the route's rewrite is then not applied). ``body`` is the whole body when the
     plugin declared ``request_body = "buffered"``, else None. ``ctx`` is a dict shared by
     every plugin and phase of this one request. ``consumer`` is who the request is from, once
-    an authentication plugin has said so.
+    an authentication plugin has said so (and ``credential`` which of its credentials was
+    used); rate limits keyed by consumer or credential count on these.
     """
 
     __slots__ = (
@@ -255,6 +257,7 @@ class Request:
         "_params",
         "client_ip",
         "consumer",
+        "credential",
         "ctx",
         "host",
         "http_version",
@@ -299,6 +302,7 @@ class Request:
         self.scheme = scheme
         self.http_version = http_version
         self.consumer: str | None = None
+        self.credential: str | None = None
         self.ctx: dict[str, Any] = {}
         self.response: Response | None = None
 
@@ -341,7 +345,13 @@ class Request:
         path_changed = self.path is not self._orig_path and self.path != self._orig_path
         headers = self._headers
         if not (
-            method_changed or path_changed or query_changed or headers.changed or self._body_set
+            method_changed
+            or path_changed
+            or query_changed
+            or headers.changed
+            or self._body_set
+            or self.consumer is not None
+            or self.credential is not None
         ):
             return None
         return (
@@ -351,6 +361,8 @@ class Request:
             self.query if query_changed else None,
             headers.items() if headers.changed else None,
             self._body if self._body_set else None,
+            self.consumer,
+            self.credential,
         )
 
     def __repr__(self) -> str:
@@ -914,6 +926,7 @@ def _new_request(
     req._body_set = False
     req.request_id, req.client_ip, req.route, req.host, req.scheme, req.http_version = meta
     req.consumer = None
+    req.credential = None
     req.ctx = {}
     req.response = None
     return req

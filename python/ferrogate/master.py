@@ -77,6 +77,9 @@ class Master:
         self.pid_file_override = pid_file_override
         self.signals: list[int] = []
         self.listeners: list[socket.socket] = []
+        # The node's rate limit table: shared memory every worker maps (see ratelimit.rs).
+        self.limits_fd: int | None = None
+        self.limits_size = 0
         self.listen_addresses: list[str] = []
         self.echo_socket: socket.socket | None = None
         self.echo_address: str | None = None
@@ -227,8 +230,18 @@ class Master:
         except OSError as e:
             emit("warning", "status_write_failed", path=str(self.status), error=str(e))
 
+    def _open_limits_table(self, normalized: dict[str, Any]) -> None:
+        """Make the shared rate limit table once; its pages are only backed once used."""
+        self.limits_size = int(normalized["rate_limiting"]["slots"]) * 16
+        self.limits_fd = os.memfd_create("ferrogate-rate-limits", 0)
+        os.ftruncate(self.limits_fd, self.limits_size)
+
     def _worker_slot(self, worker_id: int) -> _Slot:
         fds = tuple(sock.fileno() for sock in self.listeners)
+        limits: list[str] = []
+        if self.limits_fd is not None:
+            fds = (*fds, self.limits_fd)
+            limits = ["--limits", f"{self.limits_fd}:{self.limits_size}"]
         argv = [
             sys.executable,
             "-m",
@@ -238,7 +251,8 @@ class Master:
             "--worker-id",
             str(worker_id),
             "--fds",
-            ",".join(map(str, fds)),
+            ",".join(str(sock.fileno()) for sock in self.listeners),
+            *limits,
         ]
         return _Slot(f"worker-{worker_id}", argv, fds, extra={"worker_id": worker_id})
 
@@ -248,6 +262,8 @@ class Master:
             argv = [sys.executable, "-m", "ferrogate.echo", "--fd", str(fd)]
             self.echo = _Slot("echo", argv, (fd,))
             self._spawn(self.echo)
+        if self.limits_fd is None:
+            self._open_limits_table(loaded.normalized)
         for worker_id in range(self._worker_count(loaded.normalized)):
             slot = self._worker_slot(worker_id)
             self.workers[worker_id] = slot

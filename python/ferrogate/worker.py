@@ -17,6 +17,14 @@ def _fd_list(text: str) -> list[int]:
     return fds
 
 
+def _fd_and_size(text: str) -> tuple[int, int]:
+    fd, _, size = text.partition(":")
+    try:
+        return int(fd), int(size)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FD:BYTES, got {text!r}") from None
+
+
 class _PluginLoader:
     """Called by the data plane for each config with plugins (imported late: workers
     without plugins never load the plugin machinery)."""
@@ -46,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="normalized JSON config file")
     parser.add_argument("--worker-id", type=int, required=True)
     parser.add_argument("--fds", type=_fd_list, required=True, help="listening socket fds: 3,4")
+    parser.add_argument("--limits", type=_fd_and_size, help="the shared rate limit table: FD:BYTES")
     args = parser.parse_args(argv)
     # Ctrl-C reaches the whole process group; the master turns it into an orderly SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -58,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         _core.serve(
-            args.fds, args.config, args.worker_id, _PluginLoader(args.config, args.worker_id)
+            args.fds,
+            args.config,
+            args.worker_id,
+            _PluginLoader(args.config, args.worker_id),
+            args.limits,
         )
     except Exception:
         traceback.print_exc()

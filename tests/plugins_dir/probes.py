@@ -216,3 +216,15 @@ class Instance(Plugin):
 
     def on_response(self, req: Request, resp: Response) -> None:
         resp.headers["x-instance"] = f"{id(self)}:{self.config.label}"
+
+
+class Consumer(Plugin):
+    """Takes the consumer (and credential) from request headers, as an auth plugin would."""
+
+    name = "t-consumer"
+
+    def on_request(self, req: Request) -> None:
+        user = req.headers.get("x-user")
+        if user is not None:
+            req.consumer = user
+            req.credential = req.headers.get("x-key", f"{user}-key")

@@ -19,6 +19,40 @@ pub struct GatewayConfig {
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// Limits on every route (one bucket per key across all routes).
+    #[serde(default)]
+    pub rate_limits: Vec<RateLimitConfig>,
+    /// Peers whose X-Forwarded-For is believed when finding the client's address (CIDRs).
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeySource {
+    Ip,
+    Consumer,
+    Credential,
+    Route,
+    Header,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LimitKey {
+    pub source: KeySource,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// `limit` requests per `per` seconds for each key, `burst` at once.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RateLimitConfig {
+    /// Identifies the limit's buckets; unchanged across a reload, they keep counting.
+    pub id: String,
+    pub limit: u64,
+    pub per: f64,
+    pub burst: u64,
+    pub key: Vec<LimitKey>,
 }
 
 fn default_grace() -> f64 {
@@ -162,6 +196,8 @@ pub struct RouteConfig {
     /// The route's plugin chain, when it has plugins.
     #[serde(default)]
     pub plugins: Option<crate::plugins::ChainSpec>,
+    #[serde(default)]
+    pub rate_limits: Vec<RateLimitConfig>,
 }
 
 fn default_true() -> bool {

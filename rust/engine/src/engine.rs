@@ -4,10 +4,12 @@
 
 use crate::config::{ConfigProblem, GatewayConfig, Limits};
 use crate::filters::{BodyLimit, ForwardedHeaders};
+use crate::limiter::{trusted_proxies, Limit};
 use crate::phase::Filter;
 use crate::plugins::PluginHost;
 use crate::router::Router;
 use crate::upstream::{secs, Upstream};
+use ipnet::IpNet;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +22,10 @@ pub struct Engine {
     /// The plugin chains of this config generation; None when no route has plugins (or
     /// when the config is only being checked).
     pub plugins: Option<Arc<dyn PluginHost>>,
+    /// Limits on every route, and whether any limit (here or on a route) is keyed by who
+    /// the client is (then limits are counted after the access plugins).
+    pub global_limits: Vec<Limit>,
+    pub trusted_proxies: Vec<IpNet>,
     pub grace_period: Duration,
     pub client_idle: Duration,
 }
@@ -69,6 +75,17 @@ impl Engine {
                 None
             }
         };
+        let mut global_limits = Vec::new();
+        for (j, l) in config.rate_limits.iter().enumerate() {
+            match Limit::compile(l, &format!("rate_limits[{j}]")) {
+                Ok(l) => global_limits.push(l),
+                Err(p) => problems.push(p),
+            }
+        }
+        let trusted = trusted_proxies(&config.trusted_proxies).unwrap_or_else(|mut p| {
+            problems.append(&mut p);
+            Vec::new()
+        });
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -83,6 +100,8 @@ impl Engine {
             limits: config.limits.clone(),
             filters,
             plugins,
+            global_limits,
+            trusted_proxies: trusted,
             grace_period: secs(config.grace_period),
             client_idle: secs(config.timeouts.client_idle),
         })

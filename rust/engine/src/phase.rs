@@ -14,6 +14,7 @@
 //! Every hook has a no-op default, so adding a phase never breaks an existing filter.
 
 use crate::error::GatewayError;
+use crate::limiter::RateInfo;
 use crate::plugins::{ChainSpec, PluginHost, PluginState};
 use crate::router::Route;
 use http::{request, response, HeaderValue};
@@ -36,6 +37,11 @@ pub struct RequestCtx {
     pub scheme: &'static str,
     /// Set after routing when the route has plugins.
     pub plugins: Option<PluginRun>,
+    /// Who the request is from, once an authentication plugin has said so.
+    pub consumer: Option<String>,
+    pub credential: Option<String>,
+    /// The most restrictive rate limit's state, for the response headers.
+    pub rate: Option<RateInfo>,
 }
 
 /// A request's run through its route's plugin chain.

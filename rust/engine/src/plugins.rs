@@ -82,6 +82,9 @@ pub struct RequestEdits {
     pub query: Option<String>,
     pub headers: Option<HeaderMap>,
     pub body: Option<Bytes>,
+    /// Who the request is from, as an authentication plugin established it.
+    pub consumer: Option<String>,
+    pub credential: Option<String>,
 }
 
 /// A response a plugin answers with instead of the upstream.

@@ -9,9 +9,11 @@ use crate::filters::via_value;
 use crate::framing::Ambiguity;
 use crate::h1client::ExchangeError;
 use crate::headers::{new_request_id, strip_hop_by_hop, X_REQUEST_ID};
+use crate::limiter::{check, real_client_ip, Limit, Who};
 use crate::phase::{PluginRun, RequestCtx};
 use crate::plugins::{BodyMode, HookMode, RequestDecision, RequestView, ResponseEdits};
 use crate::pool::SendError;
+use crate::ratelimit::SharedTable;
 use crate::router::{RequestHead, Route};
 use crate::upstream::{InflightGuard, Upstream};
 use arc_swap::ArcSwap;
@@ -27,15 +29,18 @@ use std::time::Instant;
 /// The body a client gets; the guard frees the target's in-flight slot when it is done.
 pub type ProxyBody = ResponseBody<InflightGuard>;
 
-/// A worker's shared state: the current engine, swapped on reload.
+/// A worker's shared state: the current engine, swapped on reload, and the node's rate
+/// limit table (shared with the other workers; it outlives every engine).
 pub struct Worker {
     pub engine: ArcSwap<Engine>,
+    pub limits: SharedTable,
 }
 
 impl Worker {
-    pub fn new(engine: Engine) -> Self {
+    pub fn new(engine: Engine, limits: SharedTable) -> Self {
         Worker {
             engine: ArcSwap::from_pointee(engine),
+            limits,
         }
     }
 }
@@ -62,15 +67,23 @@ pub async fn handle(
         host: None,
         scheme: "http",
         plugins: None,
+        consumer: None,
+        credential: None,
+        rate: None,
     };
-    let resp = match forward(&engine, &mut ctx, req, ambiguity).await {
+    let resp = match forward(&engine, &worker.limits, &mut ctx, req, ambiguity).await {
         Ok(resp) => resp,
         Err(e) => error_response(e, &ctx.request_id),
     };
-    match ctx.plugins.take() {
+    let mut resp = match ctx.plugins.take() {
         None => resp,
         Some(run) => plugin_response(run, &ctx, resp).await,
+    };
+    if let Some(rate) = &ctx.rate {
+        let status = resp.status();
+        rate.apply(resp.headers_mut(), status);
     }
+    resp
 }
 
 fn error_response(e: GatewayError, request_id: &HeaderValue) -> Response<ProxyBody> {
@@ -81,6 +94,7 @@ fn error_response(e: GatewayError, request_id: &HeaderValue) -> Response<ProxyBo
 
 async fn forward(
     engine: &Engine,
+    limits: &SharedTable,
     ctx: &mut RequestCtx,
     req: Request<Incoming>,
     ambiguity: Option<Ambiguity>,
@@ -141,6 +155,12 @@ async fn forward(
     for f in &engine.filters {
         f.access(ctx, &parts)?;
     }
+    let limited = !engine.global_limits.is_empty() || !route.rate_limits.is_empty();
+    // Limits keyed by who the client is wait for the authentication plugins to say so.
+    let count_late = limited && all_limits(engine, &route).any(Limit::needs_consumer);
+    if limited && !count_late {
+        count_request(engine, limits, ctx, &route, &parts)?;
+    }
     let mut client_body = match &ctx.plugins {
         Some(run) if run.spec.request_body => {
             let cap = match (run.spec.body_cap, engine.limits.max_body_bytes) {
@@ -158,6 +178,9 @@ async fn forward(
     if let Some(mut run) = ctx.plugins.take() {
         let outcome = request_plugins(ctx, &mut run, &route, &mut parts, &mut client_body).await;
         ctx.plugins = Some(run);
+        if count_late && !matches!(outcome, Ok(PluginOutcome::Respond(_))) {
+            count_request(engine, limits, ctx, &route, &parts)?;
+        }
         match outcome? {
             PluginOutcome::Respond(resp) => return Ok(*resp),
             PluginOutcome::Continue { path, query } => {
@@ -231,6 +254,34 @@ async fn forward(
     ))
 }
 
+fn all_limits<'e>(engine: &'e Engine, route: &'e Route) -> impl Iterator<Item = &'e Limit> {
+    engine.global_limits.iter().chain(route.rate_limits.iter())
+}
+
+/// Count the request against the route's limits and the gateway-wide ones.
+fn count_request(
+    engine: &Engine,
+    limits: &SharedTable,
+    ctx: &mut RequestCtx,
+    route: &Route,
+    parts: &request::Parts,
+) -> Result<(), GatewayError> {
+    let real =
+        real_client_ip(ctx.client.ip(), &parts.headers, &engine.trusted_proxies).map(|ip| ip.to_string());
+    let who = Who {
+        ip: real
+            .as_deref()
+            .unwrap_or_else(|| ctx.client_ip.to_str().unwrap_or("")),
+        route: &route.name,
+        consumer: ctx.consumer.as_deref(),
+        credential: ctx.credential.as_deref(),
+        headers: &parts.headers,
+    };
+    let (info, verdict) = check(limits, all_limits(engine, route), &who);
+    ctx.rate = info;
+    verdict
+}
+
 /// The client's body as the upstream request will carry it.
 enum ClientBody {
     /// Streamed, with the first frame when it was read ahead.
@@ -249,7 +300,7 @@ enum PluginOutcome {
 
 /// The access phase of a route's plugins: one crossing for the whole chain.
 async fn request_plugins(
-    ctx: &RequestCtx,
+    ctx: &mut RequestCtx,
     run: &mut PluginRun,
     route: &Route,
     parts: &mut request::Parts,
@@ -285,6 +336,12 @@ async fn request_plugins(
             Ok(PluginOutcome::Respond(Box::new(resp)))
         }
         RequestDecision::Continue(edits) => {
+            if edits.consumer.is_some() {
+                ctx.consumer = edits.consumer;
+            }
+            if edits.credential.is_some() {
+                ctx.credential = edits.credential;
+            }
             if let Some(m) = edits.method {
                 parts.method = m;
             }

@@ -5,6 +5,7 @@
 //! walk, so it does not grow with the number of routes.
 
 use crate::config::{ConfigProblem, GatewayConfig, Predicate, RouteConfig};
+use crate::limiter::Limit;
 use crate::plugins::ChainSpec;
 #[cfg(test)]
 use http::HeaderValue;
@@ -51,6 +52,7 @@ pub struct Route {
     pub preserve_host: bool,
     pub priority: i64,
     pub plugins: Option<ChainSpec>,
+    pub rate_limits: Vec<Limit>,
     methods: Vec<Method>,
     headers: Vec<(HeaderName, Matcher)>,
     query: Vec<(String, Matcher)>,
@@ -584,6 +586,13 @@ fn compile_route(
     }
     let query = compile_matchers("query", i, &rc.query, &mut problems);
     let rewrite = rc.rewrite.as_deref().map(|t| parse_rewrite(t, i, &mut problems));
+    let mut rate_limits = Vec::new();
+    for (j, l) in rc.rate_limits.iter().enumerate() {
+        match Limit::compile(l, &format!("routes[{i}].rate_limits[{j}]")) {
+            Ok(l) => rate_limits.push(l),
+            Err(p) => problems.push(p),
+        }
+    }
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -595,6 +604,7 @@ fn compile_route(
         preserve_host: rc.preserve_host,
         priority: rc.priority,
         plugins: rc.plugins.clone(),
+        rate_limits,
         methods,
         headers,
         query,

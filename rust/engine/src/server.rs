@@ -7,6 +7,7 @@ use crate::filters::client_ip_value;
 use crate::framing::{FramingGuard, FramingRecord};
 use crate::plugins::HostLoader;
 use crate::proxy::{self, Worker};
+use crate::ratelimit::SharedTable;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -136,8 +137,18 @@ impl Protocols {
     }
 }
 
-/// Run a worker until SIGTERM. Blocks the calling thread.
-pub fn serve(fds: &[RawFd], config_path: &Path, worker_id: usize, loader: Loader) -> Result<(), String> {
+/// Slots of the rate limit table when the master did not hand one over (a lone worker).
+const PRIVATE_TABLE_SLOTS: usize = 1 << 16;
+
+/// Run a worker until SIGTERM. Blocks the calling thread. `limits` is the node's shared rate
+/// limit table (a memfd and its size) when the master made one.
+pub fn serve(
+    fds: &[RawFd],
+    config_path: &Path,
+    worker_id: usize,
+    loader: Loader,
+    limits: Option<(RawFd, usize)>,
+) -> Result<(), String> {
     die_with_parent();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -147,7 +158,12 @@ pub fn serve(fds: &[RawFd], config_path: &Path, worker_id: usize, loader: Loader
         let mut applied = read_config(config_path)?;
         let engine = build_engine(&applied, None, &loader)?;
         let protocols = Arc::new(Protocols::new(&engine));
-        let worker = Arc::new(Worker::new(engine));
+        let table = match limits {
+            Some((fd, len)) => SharedTable::from_fd(fd, len),
+            None => SharedTable::anonymous(PRIVATE_TABLE_SLOTS),
+        }
+        .map_err(|e| format!("cannot map the rate limit table: {e}"))?;
+        let worker = Arc::new(Worker::new(engine, table));
         let graceful = Arc::new(GracefulShutdown::new());
         let (stopping, stopping_rx) = watch::channel(false);
         let mut accepting = Vec::new();

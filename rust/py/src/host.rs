@@ -252,6 +252,14 @@ fn request_decision(d: &Bound<'_, PyAny>) -> HookResult<RequestDecision> {
     if let Some(b) = opt(t, 5)? {
         edits.body = Some(bytes_of(&b)?);
     }
+    if t.len() > 7 {
+        let text = |v: Bound<'_, PyAny>| {
+            v.extract::<String>()
+                .map_err(|_| invalid("a consumer that is not a str"))
+        };
+        edits.consumer = opt(t, 6)?.map(text).transpose()?;
+        edits.credential = opt(t, 7)?.map(text).transpose()?;
+    }
     Ok(RequestDecision::Continue(edits))
 }
 

@@ -55,17 +55,20 @@ fn table_rows<'py>(py: Python<'py>, router: &Router) -> PyResult<Vec<Bound<'py, 
 ///
 /// `plugin_loader(config_json) -> Host | None` builds the plugin host of each config
 /// generation (`ferrogate.plugin_host.load`); without it, routes with plugins fail.
+/// `limits=(fd, size)` is the node's shared rate limit table (a memfd from the master);
+/// without it the worker counts alone.
 #[pyfunction]
-#[pyo3(signature = (listen_fds, config_path, worker_id, plugin_loader=None))]
+#[pyo3(signature = (listen_fds, config_path, worker_id, plugin_loader=None, limits=None))]
 fn serve(
     py: Python<'_>,
     listen_fds: Vec<i32>,
     config_path: PathBuf,
     worker_id: usize,
     plugin_loader: Option<Py<PyAny>>,
+    limits: Option<(i32, usize)>,
 ) -> PyResult<()> {
     let loader = plugin_loader.map(|load| Arc::new(PyLoader { load }) as Arc<dyn HostLoader>);
-    py.detach(|| server::serve(&listen_fds, &config_path, worker_id, loader))
+    py.detach(|| server::serve(&listen_fds, &config_path, worker_id, loader, limits))
         .map_err(PyRuntimeError::new_err)
 }
 
