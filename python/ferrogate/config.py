@@ -38,6 +38,7 @@ __all__ = [
     "Problem",
     "RateLimit",
     "RateLimiting",
+    "RedisStore",
     "Route",
     "Target",
     "Timeouts",
@@ -211,10 +212,40 @@ class RateLimit(_Section, kw_only=True, frozen=True):
         ),
     ] = "ip"
     name: Annotated[str | None, Meta(description="Names the limit in errors and logs.")] = None
+    scope: Annotated[
+        Literal["node", "cluster"],
+        Meta(
+            description="node: the workers of this node share the count (exact, sliding); "
+            "cluster: every node sharing rate_limiting.redis does (fixed windows of `per`, "
+            "whole seconds)."
+        ),
+    ] = "node"
+
+
+class RedisStore(_Section, kw_only=True, frozen=True):
+    """The Redis server cluster-wide limits count in."""
+
+    url: Annotated[str, Meta(description="redis://[:password@]host:port/db")]
+    on_failure: Annotated[
+        Literal["open", "closed"],
+        Meta(description="Redis unreachable: open lets requests pass, closed answers 503."),
+    ] = "open"
+    timeout: Annotated[
+        Duration, Meta(description="A Redis call taking longer counts as a failure.")
+    ] = 0.25
+    lease: Annotated[
+        float,
+        Meta(
+            gt=0,
+            le=1,
+            description="Share of a limit a worker takes from Redis at a time: smaller is "
+            "more exact, larger asks Redis less often.",
+        ),
+    ] = 0.01
 
 
 class RateLimiting(_Section, kw_only=True, frozen=True):
-    """The node-wide table the rate limits count in."""
+    """The node-wide table the rate limits count in, and the store of cluster-wide ones."""
 
     slots: Annotated[
         int,
@@ -224,6 +255,9 @@ class RateLimiting(_Section, kw_only=True, frozen=True):
             "rounded up to a power of two; a change needs a restart.",
         ),
     ] = 1 << 18
+    redis: Annotated[
+        RedisStore | None, Meta(description="Needed by limits with scope: cluster.")
+    ] = None
 
 
 class Route(_Section, kw_only=True, frozen=True):
@@ -371,6 +405,7 @@ class _Normalizer:
         self.generated: dict[str, int] = {}
         self.registry: Registry | None = None
         self.top_plugins: list[Entry | None] = []
+        self.redis: RedisStore | None = None
 
     def duration(self, value: float | str, path: DataPath) -> float:
         try:
@@ -418,6 +453,7 @@ class _Normalizer:
                 )
             out_upstreams[name] = self.upstream(name, upstream, timeouts)
         plugins_dir = self.plugins(cfg)
+        self.redis = cfg.rate_limiting.redis
         out_routes: list[dict[str, Any]] = []
         names: dict[str, int] = {}
         for i, route in enumerate(cfg.routes):
@@ -446,7 +482,10 @@ class _Normalizer:
                 self.rate_limit(limit, ("rate_limits", j), "*")
                 for j, limit in enumerate(cfg.rate_limits)
             ],
-            "rate_limiting": {"slots": 1 << (cfg.rate_limiting.slots - 1).bit_length()},
+            "rate_limiting": {
+                "slots": 1 << (cfg.rate_limiting.slots - 1).bit_length(),
+                "redis": self.redis_store(cfg.rate_limiting.redis),
+            },
             "trusted_proxies": [
                 self.network(text, ("trusted_proxies", j))
                 for j, text in enumerate(cfg.trusted_proxies)
@@ -460,10 +499,30 @@ class _Normalizer:
             self.report(at, f"'{text}' is not an IP address or CIDR (10.0.0.0/8, ::1)")
             return "0.0.0.0/32"
 
+    def redis_store(self, store: RedisStore | None) -> dict[str, Any] | None:
+        if store is None:
+            return None
+        at: DataPath = ("rate_limiting", "redis")
+        if not re.match(r"^rediss?://", store.url):
+            self.report((*at, "url"), "expected redis://[:password@]host:port/db")
+        return {
+            "url": store.url,
+            "on_failure": store.on_failure,
+            "timeout": self.duration(store.timeout, (*at, "timeout")),
+            "lease": store.lease,
+        }
+
     def rate_limit(self, limit: RateLimit, at: DataPath, scope: str) -> dict[str, Any]:
         per = self.duration(limit.per, (*at, "per"))
         if per <= 0:
             self.report((*at, "per"), "the period must be longer than zero")
+        cluster = limit.scope == "cluster"
+        if cluster and self.redis is None:
+            self.report(
+                (*at, "scope"), "scope: cluster needs rate_limiting.redis (where nodes count)"
+            )
+        if cluster and (per < 1 or per != int(per)):
+            self.report((*at, "per"), "a cluster-wide limit counts in whole seconds (1s or more)")
         keys = [limit.key] if isinstance(limit.key, str) else limit.key
         if not keys:
             self.report((*at, "key"), "a limit needs at least one key")
@@ -485,7 +544,14 @@ class _Normalizer:
         burst = limit.burst if limit.burst is not None else limit.limit
         # The buckets keep counting across a reload as long as the limit means the same.
         ident = json.dumps([scope, limit.name or at[-1], limit.limit, per, burst, keys])
-        return {"id": ident, "limit": limit.limit, "per": per, "burst": burst, "key": out_keys}
+        return {
+            "id": ident,
+            "limit": limit.limit,
+            "per": per,
+            "burst": burst,
+            "key": out_keys,
+            "cluster": cluster,
+        }
 
     def plugins(self, cfg: Config) -> str | None:
         """Discover plugins (when the config uses any) and check the top-level ones."""

@@ -25,6 +25,15 @@ pub struct GatewayConfig {
     /// Peers whose X-Forwarded-For is believed when finding the client's address (CIDRs).
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    #[serde(default)]
+    pub rate_limiting: RateLimiting,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RateLimiting {
+    /// Where cluster-wide limits count; none: every limit is the node's.
+    #[serde(default)]
+    pub redis: Option<crate::cluster_limits::RedisConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -53,6 +62,9 @@ pub struct RateLimitConfig {
     pub per: f64,
     pub burst: u64,
     pub key: Vec<LimitKey>,
+    /// Counted across nodes through `rate_limiting.redis` (fixed windows of `per`).
+    #[serde(default)]
+    pub cluster: bool,
 }
 
 fn default_grace() -> f64 {
@@ -82,6 +94,10 @@ impl Default for Limits {
 pub struct Timeouts {
     pub connect: f64,
     pub read: f64,
+    /// How long one write to an upstream may wait for it to accept bytes; 0 = no limit.
+    pub write: f64,
+    /// The whole exchange up to the response head, retries included; 0 = no limit.
+    pub total: f64,
     pub client_idle: f64,
 }
 
@@ -90,6 +106,8 @@ impl Default for Timeouts {
         Timeouts {
             connect: 5.0,
             read: 60.0,
+            write: 60.0,
+            total: 0.0,
             client_idle: 60.0,
         }
     }
@@ -99,6 +117,163 @@ impl Default for Timeouts {
 pub struct UpstreamTimeouts {
     pub connect: f64,
     pub read: f64,
+    #[serde(default = "default_write_timeout")]
+    pub write: f64,
+    #[serde(default)]
+    pub total: f64,
+}
+
+fn default_write_timeout() -> f64 {
+    60.0
+}
+
+/// A route's own timeouts; an absent one is the upstream's.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct RouteTimeouts {
+    pub connect: Option<f64>,
+    pub read: Option<f64>,
+    pub write: Option<f64>,
+    pub total: Option<f64>,
+}
+
+/// Status codes as inclusive ranges: `[[500, 500], [502, 504]]`.
+pub type StatusRanges = Vec<(u16, u16)>;
+
+/// Health of an upstream's targets; see `health.rs`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct HealthConfig {
+    pub active: Option<ActiveHealthConfig>,
+    pub passive: Option<PassiveHealthConfig>,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            active: None,
+            passive: Some(PassiveHealthConfig::default()),
+        }
+    }
+}
+
+/// An HTTP probe of every target (run once per node, see `probe.rs`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ActiveHealthConfig {
+    pub path: String,
+    /// The probe's Host header; default: the target's host:port.
+    #[serde(default)]
+    pub host: Option<String>,
+    pub interval: f64,
+    pub timeout: f64,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+    pub statuses: StatusRanges,
+}
+
+/// Consecutive failures of real traffic take a target out for `down_for` seconds.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct PassiveHealthConfig {
+    pub failures: u32,
+    pub down_for: f64,
+    /// Response statuses that count as failures (connect errors and timeouts always do).
+    pub statuses: StatusRanges,
+}
+
+impl Default for PassiveHealthConfig {
+    fn default() -> Self {
+        PassiveHealthConfig {
+            failures: 3,
+            down_for: 10.0,
+            statuses: Vec::new(),
+        }
+    }
+}
+
+/// A circuit breaker per target, opened by the failure ratio over a rolling window.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct BreakerConfig {
+    pub failure_ratio: f64,
+    pub min_requests: u32,
+    pub window: f64,
+    pub open_for: f64,
+    pub half_open_requests: u32,
+    pub statuses: StatusRanges,
+}
+
+/// When and how a failed attempt is tried again.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct RetryConfig {
+    /// Tries after the first one; 0 turns retries off.
+    pub count: u32,
+    /// Failures retried: "connect", "reset", "timeout".
+    pub on: Vec<String>,
+    pub statuses: StatusRanges,
+    /// Methods retried once the request may have reached the upstream.
+    pub methods: Vec<String>,
+    pub backoff: f64,
+    pub backoff_max: f64,
+    /// Request bodies up to this many bytes are kept so that a retry can send them again.
+    pub body_buffer: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            count: 1,
+            on: vec!["connect".into()],
+            statuses: Vec::new(),
+            methods: ["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"]
+                .map(String::from)
+                .to_vec(),
+            backoff: 0.025,
+            backoff_max: 0.25,
+            body_buffer: 64 * 1024,
+        }
+    }
+}
+
+/// Retries may add at most `ratio` to the requests of the last `window` seconds, plus
+/// `min_per_second`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct RetryBudgetConfig {
+    pub ratio: f64,
+    pub window: f64,
+    pub min_per_second: f64,
+}
+
+impl Default for RetryBudgetConfig {
+    fn default() -> Self {
+        RetryBudgetConfig {
+            ratio: 0.2,
+            window: 10.0,
+            min_per_second: 3.0,
+        }
+    }
+}
+
+/// What a request gets when no target of its upstream is available: another upstream, or
+/// a static response.
+#[derive(Debug, Clone, Deserialize)]
+pub struct FallbackConfig {
+    #[serde(default)]
+    pub upstream: Option<String>,
+    #[serde(default = "default_fallback_status")]
+    pub status: u16,
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    #[serde(default)]
+    pub body: String,
+}
+
+fn default_fallback_status() -> u16 {
+    503
+}
+
+fn default_retry_budget() -> Option<RetryBudgetConfig> {
+    Some(RetryBudgetConfig::default())
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -150,6 +325,16 @@ pub struct UpstreamConfig {
     pub timeouts: Option<UpstreamTimeouts>,
     #[serde(default)]
     pub path_prefix: String,
+    #[serde(default)]
+    pub health: HealthConfig,
+    #[serde(default)]
+    pub breaker: Option<BreakerConfig>,
+    #[serde(default)]
+    pub retries: RetryConfig,
+    #[serde(default = "default_retry_budget")]
+    pub retry_budget: Option<RetryBudgetConfig>,
+    #[serde(default)]
+    pub fallback: Option<FallbackConfig>,
 }
 
 fn default_balance() -> Balance {
@@ -196,6 +381,11 @@ pub struct RouteConfig {
     /// The route's plugin chain, when it has plugins.
     #[serde(default)]
     pub plugins: Option<crate::plugins::ChainSpec>,
+    /// Overrides of the upstream's timeouts and retry policy for this route.
+    #[serde(default)]
+    pub timeouts: Option<RouteTimeouts>,
+    #[serde(default)]
+    pub retries: Option<RetryConfig>,
     #[serde(default)]
     pub rate_limits: Vec<RateLimitConfig>,
 }

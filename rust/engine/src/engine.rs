@@ -2,6 +2,7 @@
 //! the current `Engine` behind an `ArcSwap`; a reload builds a new one and swaps it in,
 //! while requests already in flight finish on the one they started with.
 
+use crate::cluster_limits::ClusterLimits;
 use crate::config::{ConfigProblem, GatewayConfig, Limits};
 use crate::filters::{BodyLimit, ForwardedHeaders};
 use crate::limiter::{trusted_proxies, Limit};
@@ -26,6 +27,8 @@ pub struct Engine {
     /// the client is (then limits are counted after the access plugins).
     pub global_limits: Vec<Limit>,
     pub trusted_proxies: Vec<IpNet>,
+    /// Where cluster-wide limits count (kept across reloads while its settings stay).
+    pub cluster_limits: Option<Arc<ClusterLimits>>,
     pub grace_period: Duration,
     pub client_idle: Duration,
 }
@@ -86,6 +89,22 @@ impl Engine {
             problems.append(&mut p);
             Vec::new()
         });
+        let cluster_limits = match &config.rate_limiting.redis {
+            None => None,
+            Some(rc) => match previous
+                .and_then(|p| p.cluster_limits.clone())
+                .filter(|c| &c.config == rc)
+            {
+                Some(same) => Some(same),
+                None => match ClusterLimits::new(rc) {
+                    Ok(c) => Some(Arc::new(c)),
+                    Err(e) => {
+                        problems.push(ConfigProblem::new("rate_limiting.redis.url", e));
+                        None
+                    }
+                },
+            },
+        };
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -102,6 +121,7 @@ impl Engine {
             plugins,
             global_limits,
             trusted_proxies: trusted,
+            cluster_limits,
             grace_period: secs(config.grace_period),
             client_idle: secs(config.timeouts.client_idle),
         })

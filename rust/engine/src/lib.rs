@@ -5,6 +5,7 @@
 
 pub mod balancer;
 pub mod body;
+pub mod cluster_limits;
 pub mod config;
 pub mod echo;
 pub mod engine;

@@ -2,6 +2,7 @@
 //! (429 with Retry-After, RateLimit-* headers on every response of a limited route).
 //! Counting itself happens in the node-wide table of `ratelimit.rs`.
 
+use crate::cluster_limits::ClusterLimits;
 use crate::config::{ConfigProblem, KeySource, RateLimitConfig};
 use crate::error::{ErrorKind, GatewayError};
 use crate::ratelimit::{monotonic_ns, SharedTable};
@@ -22,6 +23,8 @@ pub struct Limit {
     interval_ns: u64,
     burst: u64,
     key: Vec<(KeySource, Option<HeaderName>)>,
+    /// Counted across nodes (Redis, fixed windows) instead of in the node's table.
+    pub cluster: bool,
 }
 
 impl Limit {
@@ -60,6 +63,7 @@ impl Limit {
             interval_ns: interval as u64,
             burst: cfg.burst.max(1),
             key,
+            cluster: cfg.cluster,
         })
     }
 
@@ -70,7 +74,7 @@ impl Limit {
             .any(|(s, _)| matches!(s, KeySource::Consumer | KeySource::Credential))
     }
 
-    fn key_hash(&self, who: &Who<'_>) -> u64 {
+    pub fn key_hash(&self, who: &Who<'_>) -> u64 {
         let mut h = fnv(FNV_OFFSET, &self.id.to_le_bytes());
         for (source, name) in &self.key {
             // An absent consumer, credential or header counts against the client's address.
@@ -126,6 +130,39 @@ impl RateInfo {
 
 fn ceil_secs(ns: u64) -> u64 {
     ns.div_ceil(1_000_000_000)
+}
+
+/// Count the request against the cluster-wide limits (after the node's allowed it).
+pub async fn check_cluster<'l>(
+    cluster: &ClusterLimits,
+    limits: impl Iterator<Item = &'l Limit>,
+    who: &Who<'_>,
+    shown: &mut Option<RateInfo>,
+) -> Result<(), GatewayError> {
+    for limit in limits {
+        let per = limit.per_secs.round().max(1.0) as u64;
+        let v = cluster.check(limit.key_hash(who), limit.limit, per).await?;
+        let info = RateInfo {
+            limit: limit.limit,
+            remaining: v.remaining.min(limit.limit),
+            reset_secs: v.reset_secs,
+            retry_after_secs: if v.allowed { 0 } else { v.reset_secs.max(1) },
+        };
+        if !v.allowed {
+            *shown = Some(info);
+            return Err(GatewayError::new(
+                ErrorKind::RateLimited,
+                format!(
+                    "rate limit exceeded: {} per {}s across the cluster; retry in {}s",
+                    limit.limit, limit.per_secs, info.retry_after_secs
+                ),
+            ));
+        }
+        if shown.is_none_or_more(&info) {
+            *shown = Some(info);
+        }
+    }
+    Ok(())
 }
 
 /// Count the request against every limit; refused by any, it gets a 429.
@@ -256,6 +293,7 @@ mod tests {
                 per: 60.0,
                 burst: 2,
                 key,
+                cluster: false,
             },
             "routes[0].rate_limits[0]",
         )

@@ -9,7 +9,7 @@ use crate::filters::via_value;
 use crate::framing::Ambiguity;
 use crate::h1client::ExchangeError;
 use crate::headers::{new_request_id, strip_hop_by_hop, X_REQUEST_ID};
-use crate::limiter::{check, real_client_ip, Limit, Who};
+use crate::limiter::{check, check_cluster, real_client_ip, Limit, Who};
 use crate::phase::{PluginRun, RequestCtx};
 use crate::plugins::{BodyMode, HookMode, RequestDecision, RequestView, ResponseEdits};
 use crate::pool::SendError;
@@ -159,7 +159,7 @@ async fn forward(
     // Limits keyed by who the client is wait for the authentication plugins to say so.
     let count_late = limited && all_limits(engine, &route).any(Limit::needs_consumer);
     if limited && !count_late {
-        count_request(engine, limits, ctx, &route, &parts)?;
+        count_request(engine, limits, ctx, &route, &parts).await?;
     }
     let mut client_body = match &ctx.plugins {
         Some(run) if run.spec.request_body => {
@@ -179,7 +179,7 @@ async fn forward(
         let outcome = request_plugins(ctx, &mut run, &route, &mut parts, &mut client_body).await;
         ctx.plugins = Some(run);
         if count_late && !matches!(outcome, Ok(PluginOutcome::Respond(_))) {
-            count_request(engine, limits, ctx, &route, &parts)?;
+            count_request(engine, limits, ctx, &route, &parts).await?;
         }
         match outcome? {
             PluginOutcome::Respond(resp) => return Ok(*resp),
@@ -258,8 +258,9 @@ fn all_limits<'e>(engine: &'e Engine, route: &'e Route) -> impl Iterator<Item = 
     engine.global_limits.iter().chain(route.rate_limits.iter())
 }
 
-/// Count the request against the route's limits and the gateway-wide ones.
-fn count_request(
+/// Count the request against the route's limits and the gateway-wide ones: the node's
+/// first, then (if those allow it) the cluster-wide ones.
+async fn count_request(
     engine: &Engine,
     limits: &SharedTable,
     ctx: &mut RequestCtx,
@@ -277,7 +278,19 @@ fn count_request(
         credential: ctx.credential.as_deref(),
         headers: &parts.headers,
     };
-    let (info, verdict) = check(limits, all_limits(engine, route), &who);
+    let (mut info, verdict) = check(limits, all_limits(engine, route).filter(|l| !l.cluster), &who);
+    let verdict = match (verdict, &engine.cluster_limits) {
+        (Ok(()), Some(cluster)) if all_limits(engine, route).any(|l| l.cluster) => {
+            check_cluster(
+                cluster,
+                all_limits(engine, route).filter(|l| l.cluster),
+                &who,
+                &mut info,
+            )
+            .await
+        }
+        (v, _) => v,
+    };
     ctx.rate = info;
     verdict
 }
