@@ -199,3 +199,78 @@ def test_rate_limit_config_problems(tmp_path: Path, upstream: Upstream) -> None:
     assert f"{path}:2:" in text and "'not-an-address' is not an IP address or CIDR" in text
     assert "routes[0].rate_limits[0].per: the period must be longer than zero" in text
     assert "routes[0].rate_limits[1].key: unknown key 'cookie:sid'" in text
+
+
+def plans_config(up: Upstream) -> dict[str, Any]:
+    return {
+        "plugins_dir": PLUGINS_DIR,
+        "upstreams": {"b": {"targets": [up.address]}},
+        "plans": {
+            "gold": {"rate_limits": [{"limit": 3, "per": "1m"}]},
+            "free": {
+                "rate_limits": [{"limit": 1, "per": "1m"}],
+                "quotas": [{"limit": 2, "per": "day"}],
+            },
+        },
+        "consumers": {"alice": {"plan": "gold"}, "bob": {"plan": "free"}},
+        "routes": [
+            {"name": "api", "paths": ["/*"], "upstream": "b", "plugins": [{"name": "t-consumer"}]}
+        ],
+    }
+
+
+def test_a_consumer_plan_sets_its_limits(gateway: GatewayFactory, upstream: Upstream) -> None:
+    gw = gateway(plans_config(upstream), workers=2)
+
+    def statuses(user: str, n: int) -> list[int]:
+        return [r.status_code for r in fresh_connections(gw, n, headers={"x-user": user})]
+
+    assert statuses("alice", 4) == [200, 200, 200, 429]
+    assert statuses("bob", 2) == [200, 429]
+    # a consumer without a plan, and anonymous requests, are not limited by plans
+    assert statuses("carol", 5) == [200] * 5
+    gold = gw.get("/x", headers={"x-user": "alice"})
+    assert gold.headers["ratelimit-limit"] == "3"
+
+
+def test_a_daily_quota_renews_at_midnight_utc(gateway: GatewayFactory, upstream: Upstream) -> None:
+    cfg = plans_config(upstream)
+    cfg["plans"]["free"]["rate_limits"] = []
+    # the gateway's clock is moved to 4 seconds before midnight UTC
+    offset = 86400 - time.time() % 86400 - 4
+    gw = gateway(cfg, workers=1, env={"FERROGATE_CLOCK_OFFSET": str(offset)})
+    bob = {"x-user": "bob"}
+    answers = [gw.get("/q", headers=bob) for _ in range(3)]
+    assert [r.status_code for r in answers] == [200, 200, 429]
+    refused = answers[-1]
+    assert (
+        "quota exceeded: 2 requests per day for consumer 'bob'"
+        in refused.json()["error"]["message"]
+    )
+    assert 1 <= int(refused.headers["retry-after"]) <= 4
+    assert refused.headers["ratelimit-limit"] == "2"
+    time.sleep(int(refused.headers["retry-after"]) + 0.5)
+    assert [gw.get("/q", headers=bob).status_code for _ in range(3)] == [200, 200, 429]
+
+
+def test_plan_config_problems(tmp_path: Path, upstream: Upstream) -> None:
+    path = tmp_path / "g.yaml"
+    path.write_text(
+        "listen: [127.0.0.1:0]\n"
+        "plans: {gold: {quotas: [{limit: 5, per: week}]}}\n"
+        "consumers: {alice: {plan: gould}}\n"
+        f"routes: [{{paths: [/x], upstream: {upstream.url}}}]\n"
+    )
+    out = run_cli("check", str(path))
+    assert out.returncode == 2
+    assert "plans.gold.quotas[0].per" in out.stdout
+    assert "consumers.alice.plan: unknown plan 'gould' (did you mean 'gold'?)" in out.stdout
+
+
+def test_consumer_keyed_limits_apply_on_routes_without_plugins(
+    gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    # no authentication plugin: every request is anonymous and counts against its address
+    gw = gateway(limited(upstream, {"limit": 2, "per": "1m", "key": "consumer"}), workers=1)
+    statuses = [gw.get("/x").status_code for _ in range(3)]
+    assert 429 in statuses

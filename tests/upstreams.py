@@ -9,16 +9,28 @@ the TCP connections it accepted. Each request can steer the answer with ``X-Up-*
 ``X-Up-Status: CODE``    answer with that status
 ``X-Up-Hop: 1``          add hop-by-hop headers to the answer (they must not reach the client)
 ``X-Up-Drop: 1``         close the connection without answering
+``X-Up-Cut: BYTES``      send the head and BYTES of the body, then reset the connection
+``X-Up-Stall: BYTES``    send the head and BYTES of the body, then send nothing more
 
 Without ``X-Up-Size`` the answer is a JSON document describing the request (see ``_describe``).
+The same can be set for every request an upstream gets, while a test runs: ``status``,
+``status_for`` (by path, e.g. a health check path), ``drop`` and ``sleep``.
+
+``python upstreams.py NAME`` runs one upstream in its own process (it prints its port): see
+:class:`UpstreamProcess`, for tests that kill a target the hard way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import socket
 import socketserver
+import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -167,7 +179,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         up._received(rec)
 
-        if rec.header("X-Up-Drop"):
+        if rec.header("X-Up-Drop") or up.drop:
             self.close_connection = True
             with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
@@ -178,7 +190,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
 
-        status = int(rec.header("X-Up-Status") or 200)
+        status = int(rec.header("X-Up-Status") or up.status_for.get(rec.path) or up.status or 200)
         size_header = rec.header("X-Up-Size")
         if size_header is not None:
             size = int(size_header)
@@ -201,6 +213,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("X-Custom-Hop", "secret")
             self.send_header("X-End-To-End", "kept")
         self.end_headers()
+        cut, stall = rec.header("X-Up-Cut"), rec.header("X-Up-Stall")
+        if cut is not None or stall is not None:
+            self._send_part(body or pattern_bytes(size), int(cut or stall or 0), stall is not None)
+            return
         if body is not None:
             self.wfile.write(body)
             return
@@ -209,6 +225,19 @@ class _Handler(BaseHTTPRequestHandler):
             n = min(left, len(CHUNK))
             self.wfile.write(CHUNK if n == len(CHUNK) else CHUNK[:n])
             left -= n
+
+    def _send_part(self, body: bytes, n: int, stall: bool) -> None:
+        """Send the first ``n`` bytes of ``body``; then stall, or reset the connection."""
+        self.wfile.write(body[:n])
+        self.wfile.flush()
+        self.close_connection = True
+        if stall:
+            self.server.upstream._stop.wait()
+            return
+        time.sleep(0.05)  # let the bytes leave before the reset
+        # SO_LINGER with a zero timeout: close() sends a RST instead of a FIN
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()
 
     @staticmethod
     def _describe(rec: Received, name: str) -> dict[str, object]:
@@ -233,6 +262,9 @@ class Upstream:
 
     name: str = "up"
     sleep: float = 0.0
+    status: int | None = None
+    status_for: dict[str, int] = field(default_factory=dict)
+    drop: bool = False
     requests: list[Received] = field(default_factory=list)
     arrivals: list[Received] = field(default_factory=list)
     connections: int = 0
@@ -347,8 +379,47 @@ class UpstreamFactory:
             up.close()
 
 
+class UpstreamProcess:
+    """An :class:`Upstream` in its own process, to be killed with SIGKILL mid-test.
+
+    It records nothing the test can read; the gateway's view (and the other targets') is
+    what such tests look at.
+    """
+
+    def __init__(self, name: str = "up") -> None:
+        self.name = name
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, name],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(timeout=5)
+            raise RuntimeError(f"upstream process {name} did not start")
+        self.port = int(line)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        """SIGKILL, by PID: its connections are reset, its port refuses connections."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=5)
+
+
 def closed_port() -> int:
     """A loopback port that nothing listens on (connecting to it is refused)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+if __name__ == "__main__":
+    # One upstream in this process (UpstreamProcess): print the port, serve until killed.
+    server = Upstream(sys.argv[1] if len(sys.argv) > 1 else "up")
+    print(server.port, flush=True)
+    threading.Event().wait()

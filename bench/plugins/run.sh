@@ -11,6 +11,11 @@
 #   /noop     noop: on_request returns None                       (bench/plugins/noop.py)
 #   /rt       request-transformer: add 2 headers, remove 1 (sent by wrk on every route)
 #   /stream   noop-stream: on_response_chunk returns None          (bench/plugins/noop.py)
+#   /limit    one node-wide rate limit by client address, never hit (only with ROUTES=...)
+#   /cluster  one Redis-backed (scope: cluster) limit, never hit; starts a private
+#             redis-server on PORT_BASE + 2 (only with ROUTES=...)
+#
+#   ROUTES="none limit cluster" bench/plugins/run.sh     # what rate limits cost
 #
 # Pinning as in ../shared/bench/peers.sh: the gateway (master + 1 worker, every thread) alone
 # on PROXY_CPU; wrk and a private origin nginx on LOAD_CPU. The gateway's CPU time is
@@ -161,7 +166,7 @@ for p in "$ORIGIN_PORT" "$GW_PORT"; do
     [ -z "$(ss -ltnH "sport = :$p")" ] || die "port $p is already in use (set PORT_BASE)"
 done
 for r in $ROUTES; do
-    case $r in none | noop | rt | stream) ;; *) die "unknown route $r (none noop rt stream)" ;; esac
+    case $r in none | noop | rt | stream | limit | cluster) ;; *) die "unknown route $r (none noop rt stream limit cluster)" ;; esac
 done
 ulimit -n "$(ulimit -Hn)"
 rm -rf "$WORK"
@@ -222,6 +227,14 @@ NGINX
 mkdir -p "$WORK/origin/tmp"
 start origin "$LOAD_CPU" nginx -p "$WORK/origin/" -c "$WORK/origin/nginx.conf" -e "$WORK/origin/error.log"
 wait_http "$ORIGIN_URL/" || die "origin did not start; see $WORK/origin.log"
+REDIS_PORT=$((PORT_BASE + 2))
+if [[ " $ROUTES " == *" cluster "* ]]; then
+    start redis "$LOAD_CPU" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no
+    for _ in $(seq 100); do
+        [ "$(redis-cli -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ] && break
+        sleep 0.1
+    done
+fi
 
 # ---- gateway ---------------------------------------------------------------------------
 cat >"$WORK/report.lua" <<'LUA'
@@ -247,6 +260,11 @@ upstreams:
     targets:
       - 127.0.0.1:$ORIGIN_PORT
     keepalive: 1024
+YAML
+    if [[ " $ROUTES " == *" cluster "* ]]; then
+        printf 'rate_limiting:\n  redis: {url: "redis://127.0.0.1:%s/0"}\n' "$REDIS_PORT"
+    fi
+    cat <<YAML
 routes:
 YAML
     # /none is always there: the checks below use it
@@ -257,6 +275,10 @@ YAML
         case $r in
         noop) printf '    plugins:\n      - name: noop\n' ;;
         stream) printf '    plugins:\n      - name: noop-stream\n' ;;
+        # limits far above what one core can serve: counted on every request, never hit
+        limit) printf '    rate_limits:\n      - {limit: 1000000000, per: 1s}\n' ;;
+        # a worker leases 1% (10,000 requests) at a time: Redis is asked a few times a second
+        cluster) printf '    rate_limits:\n      - {limit: 1000000, per: 1s, scope: cluster}\n' ;;
         rt) cat <<YAML
     plugins:
       - name: request-transformer

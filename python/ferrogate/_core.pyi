@@ -31,13 +31,16 @@ def serve(
     config_path: str,
     worker_id: int,
     plugin_loader: Callable[[str], object] | None = None,
-    limits: tuple[int, int] | None = None,
+    limits: tuple[int, int, int] | None = None,
+    health: tuple[int, int] | None = None,
 ) -> None:
     """Run one worker's proxy on already-listening sockets until SIGTERM; releases the GIL.
 
     ``plugin_loader(config_json)`` returns the plugin host of a config generation (a
     ``ferrogate.hooks.Host``, or None when no route has plugins). ``limits`` is the node's
-    shared rate limit table as ``(memfd, bytes)``; without it the worker counts alone.
+    shared rate limit and quota tables as ``(memfd, limit bytes, quota bytes)``; without it
+    the worker counts alone. ``health`` is the node's board of active health check results
+    as ``(memfd, bytes)``; without it the worker runs its health checks alone.
 
     ``config_path`` is a normalized JSON config file. SIGHUP re-reads it and swaps the
     routing state atomically (in-flight requests finish on the old one). SIGTERM stops

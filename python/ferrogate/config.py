@@ -22,6 +22,17 @@ from ferrogate.addresses import join_host_port, looks_like_url, parse_upstream_u
 from ferrogate.plugin_config import Entry, chain_of, check_use
 from ferrogate.plugin_registry import Registry, discover
 from ferrogate.problems import ConfigError, DataPath, Problem, format_path
+from ferrogate.resilience import (
+    CircuitBreaker,
+    Fallback,
+    HealthChecks,
+    Retries,
+    RetryPolicy,
+    RouteTimeouts,
+    default_upstream_settings,
+    route_settings,
+    upstream_settings,
+)
 from ferrogate.runtime_files import resolve_pid_file
 from ferrogate.structcheck import check_struct, did_you_mean, salvage
 from ferrogate.units import DURATION_PATTERN, SIZE_PATTERN, parse_duration, parse_size
@@ -30,20 +41,27 @@ from ferrogate.yaml_source import parse_source
 __all__ = [
     "Config",
     "ConfigError",
+    "Consumer",
     "Echo",
     "Limits",
     "LoadedConfig",
+    "MirrorTo",
+    "Plan",
     "PluginUse",
     "Predicate",
     "Problem",
+    "Quota",
     "RateLimit",
     "RateLimiting",
     "RedisStore",
     "Route",
+    "Split",
+    "SplitTarget",
     "Target",
     "Timeouts",
     "Upstream",
     "UpstreamTimeouts",
+    "VersionRule",
     "config_schema",
     "load_config",
     "load_config_text",
@@ -90,8 +108,23 @@ class Timeouts(_Section, kw_only=True, frozen=True):
         Duration, Meta(description="TCP connect to a target; failure gives 502.")
     ] = 5.0
     read: Annotated[
-        Duration, Meta(description="Waiting for an upstream's response headers; expiry gives 504.")
+        Duration,
+        Meta(
+            description="Waiting for an upstream's response headers (expiry gives 504), then "
+            "for each read of its body."
+        ),
     ] = 60.0
+    write: Annotated[
+        Duration,
+        Meta(description="Each wait for an upstream to take more of the request; 0 = no limit."),
+    ] = 60.0
+    total: Annotated[
+        Duration,
+        Meta(
+            description="The whole exchange up to the response headers, retries and backoff "
+            "included; expiry gives 504; 0 = no limit."
+        ),
+    ] = 0.0
     client_idle: Annotated[
         Duration, Meta(description="Idle keep-alive client connections are closed after this.")
     ] = 60.0
@@ -102,6 +135,12 @@ class UpstreamTimeouts(_Section, kw_only=True, frozen=True):
 
     connect: Annotated[Duration | None, Meta(description="TCP connect to a target.")] = None
     read: Annotated[Duration | None, Meta(description="Waiting for the response headers.")] = None
+    write: Annotated[
+        Duration | None, Meta(description="Each wait for the upstream to take more of the request.")
+    ] = None
+    total: Annotated[
+        Duration | None, Meta(description="The whole exchange up to the response headers.")
+    ] = None
 
 
 class Echo(_Section, kw_only=True, frozen=True):
@@ -117,6 +156,19 @@ class Target(_Section, kw_only=True, frozen=True):
     weight: Annotated[
         int, Meta(ge=1, description="Relative share of requests (weighted round robin).")
     ] = 1
+
+
+class AdaptiveConcurrency(_Section, kw_only=True, frozen=True):
+    """How many requests each worker may have in flight to an upstream, found from its
+    latency: the limit grows while latency stays near its recent best and shrinks by a
+    tenth when it rises past `tolerance` times that."""
+
+    min: Annotated[int, Meta(ge=1, description="The limit never goes below this.")] = 4
+    max: Annotated[int, Meta(ge=1, description="The limit never goes above this.")] = 1000
+    initial: Annotated[int, Meta(ge=1, description="The limit to start from.")] = 100
+    tolerance: Annotated[
+        float, Meta(ge=1, description="Latency above tolerance x the recent best is a slowdown.")
+    ] = 2.0
 
 
 class Upstream(_Section, kw_only=True, frozen=True):
@@ -142,6 +194,26 @@ class Upstream(_Section, kw_only=True, frozen=True):
     ] = 60.0
     timeouts: Annotated[
         UpstreamTimeouts | None, Meta(description="Overrides the global timeouts.")
+    ] = None
+    health: Annotated[
+        HealthChecks, Meta(description="Health checks of the targets (passive ones are on).")
+    ] = msgspec.field(default_factory=HealthChecks)
+    breaker: Annotated[
+        CircuitBreaker | None, Meta(description="A circuit breaker per target; off by default.")
+    ] = None
+    retries: Annotated[
+        Retries, Meta(description="Retries of failed attempts, and their budget.")
+    ] = msgspec.field(default_factory=Retries)
+    fallback: Annotated[
+        Fallback | None,
+        Meta(description="When no target can take a request: another upstream or a response."),
+    ] = None
+    adaptive_concurrency: Annotated[
+        AdaptiveConcurrency | None,
+        Meta(
+            description="Limit requests in flight by the upstream's latency (AIMD); the "
+            "excess is shed at once with 503 overloaded."
+        ),
     ] = None
 
 
@@ -204,13 +276,14 @@ class RateLimit(_Section, kw_only=True, frozen=True):
         Meta(description="Requests allowed at once; default: `limit`."),
     ] = None
     key: Annotated[
-        LimitKeyText | list[LimitKeyText],
+        LimitKeyText | list[LimitKeyText] | None,
         Meta(
             description='Who a bucket belongs to: "ip" (behind trusted_proxies: the client), '
             '"consumer", "credential", "route", "header:NAME", or a list of these combined. '
-            "An absent consumer, credential or header counts against the client's address."
+            "An absent consumer, credential or header counts against the client's address. "
+            'Default: "ip" ("consumer" in a plan).'
         ),
-    ] = "ip"
+    ] = None
     name: Annotated[str | None, Meta(description="Names the limit in errors and logs.")] = None
     scope: Annotated[
         Literal["node", "cluster"],
@@ -220,6 +293,31 @@ class RateLimit(_Section, kw_only=True, frozen=True):
             "whole seconds)."
         ),
     ] = "node"
+
+
+class Quota(_Section, kw_only=True, frozen=True):
+    """At most `limit` requests per calendar day or month (UTC) for each consumer."""
+
+    limit: Annotated[int, Meta(ge=1, description="Requests per period.")]
+    per: Annotated[Literal["day", "month"], Meta(description="day | month, UTC.")]
+    scope: Annotated[
+        Literal["node", "cluster"],
+        Meta(description="cluster: counted across nodes in rate_limiting.redis."),
+    ] = "node"
+    name: Annotated[str | None, Meta(description="Names the quota in errors and logs.")] = None
+
+
+class Plan(_Section, kw_only=True, frozen=True):
+    """What a consumer on this plan may do: rate limits (keyed by consumer) and quotas."""
+
+    rate_limits: Annotated[list[RateLimit], Meta(description="Counted per consumer.")] = []
+    quotas: Annotated[list[Quota], Meta(description="Per consumer, per day or month.")] = []
+
+
+class Consumer(_Section, kw_only=True, frozen=True):
+    """Someone an authentication plugin recognizes (it sets the request's consumer)."""
+
+    plan: Annotated[str | None, Meta(description="The plan whose limits apply.")] = None
 
 
 class RedisStore(_Section, kw_only=True, frozen=True):
@@ -258,6 +356,51 @@ class RateLimiting(_Section, kw_only=True, frozen=True):
     redis: Annotated[
         RedisStore | None, Meta(description="Needed by limits with scope: cluster.")
     ] = None
+
+
+class VersionRule(_Section, kw_only=True, frozen=True):
+    """Requests whose header (or cookie) has `value` go to `upstream`."""
+
+    header: Annotated[str | None, Meta(description="A header name.")] = None
+    cookie: Annotated[str | None, Meta(description="A cookie name.")] = None
+    value: Annotated[str, Meta(description="The exact value that selects the upstream.")]
+    upstream: Annotated[str, Meta(description="A named upstream.")]
+
+
+class SplitTarget(_Section, kw_only=True, frozen=True):
+    """One side of a weighted split."""
+
+    upstream: Annotated[
+        str | None, Meta(description="A named upstream; absent: the route's own `upstream`.")
+    ] = None
+    weight: Annotated[int, Meta(ge=0, description="Relative share of the requests.")]
+
+
+class Split(_Section, kw_only=True, frozen=True):
+    """A weighted split of a route's requests between upstreams (canary releases)."""
+
+    targets: Annotated[list[SplitTarget], Meta(description="The upstreams and their weights.")]
+    hash_on: Annotated[
+        Annotated[str, Meta(extra_json_schema={"pattern": HASH_ON_PATTERN})] | None,
+        Meta(
+            description='Sticky: "ip", "header:NAME" or "cookie:NAME" keeps a client on one '
+            "side; absent: random per request."
+        ),
+    ] = None
+
+
+class MirrorTo(_Section, kw_only=True, frozen=True):
+    """Shadow traffic: copies of a route's requests go to another upstream; its answers are
+    dropped and never slow the client."""
+
+    upstream: Annotated[str, Meta(description="A named upstream.")]
+    percent: Annotated[float, Meta(ge=0, le=100, description="Share of the requests copied.")] = (
+        100.0
+    )
+    max_body: Annotated[
+        Size,
+        Meta(description="Requests with larger or chunked bodies are not mirrored."),
+    ] = 64 * 1024
 
 
 class Route(_Section, kw_only=True, frozen=True):
@@ -313,6 +456,23 @@ class Route(_Section, kw_only=True, frozen=True):
     rate_limits: Annotated[
         list[RateLimit], Meta(description="Limits counted for this route alone.")
     ] = []
+    versions: Annotated[
+        list[VersionRule],
+        Meta(description="Header/cookie values that pick another upstream (checked first)."),
+    ] = []
+    split: Annotated[
+        Split | None, Meta(description="A weighted split between upstreams (canary).")
+    ] = None
+    mirror: Annotated[
+        MirrorTo | None, Meta(description="Copy requests to another upstream (shadow).")
+    ] = None
+    timeouts: Annotated[
+        RouteTimeouts | None, Meta(description="Overrides the upstream's timeouts.")
+    ] = None
+    retries: Annotated[
+        RetryPolicy | None,
+        Meta(description="Replaces the upstream's retry policy (its budget stays the upstream's)."),
+    ] = None
 
 
 class Config(_Section, kw_only=True, frozen=True):
@@ -359,6 +519,11 @@ class Config(_Section, kw_only=True, frozen=True):
     rate_limiting: Annotated[
         RateLimiting, Meta(description="The shared table of rate limit counters.")
     ] = msgspec.field(default_factory=RateLimiting)
+    plans: Annotated[dict[str, Plan], Meta(description="Plans by name (tiered access).")] = {}
+    consumers: Annotated[
+        dict[str, Consumer],
+        Meta(description="Consumers by name, as authentication plugins set them."),
+    ] = {}
     trusted_proxies: Annotated[
         list[str],
         Meta(
@@ -405,6 +570,8 @@ class _Normalizer:
         self.generated: dict[str, int] = {}
         self.registry: Registry | None = None
         self.top_plugins: list[Entry | None] = []
+        # names of the upstreams the config defines (fallbacks refer to them)
+        self.upstream_names: tuple[str, ...] = ()
         self.redis: RedisStore | None = None
 
     def duration(self, value: float | str, path: DataPath) -> float:
@@ -436,7 +603,7 @@ class _Normalizer:
             self.report(("listen",), "at least one listen address is needed")
         timeouts = {
             name: self.duration(getattr(cfg.timeouts, name), ("timeouts", name))
-            for name in ("connect", "read", "client_idle")
+            for name in ("connect", "read", "write", "total", "client_idle")
         }
         echo = None
         if cfg.echo is not None:
@@ -444,6 +611,7 @@ class _Normalizer:
             if echo["listen"] in listen:
                 self.report(("echo", "listen"), "the echo upstream needs its own address")
         out_upstreams: dict[str, Any] = {}
+        self.upstream_names = tuple(cfg.upstreams)
         for name, upstream in cfg.upstreams.items():
             if name.startswith(GENERATED_UPSTREAM_PREFIX):
                 self.report(
@@ -490,7 +658,104 @@ class _Normalizer:
                 self.network(text, ("trusted_proxies", j))
                 for j, text in enumerate(cfg.trusted_proxies)
             ],
+            "plans": {name: self.plan(name, plan) for name, plan in cfg.plans.items()},
+            "consumers": {
+                name: {"plan": self.consumer_plan(name, c, cfg.plans)}
+                for name, c in cfg.consumers.items()
+            },
         }
+
+    def named_upstream(self, name: str, at: DataPath, upstreams: Mapping[str, Upstream]) -> None:
+        if name not in upstreams:
+            hint = did_you_mean(name, upstreams) or " (define it under 'upstreams:')"
+            self.report(at, f"unknown upstream '{name}'{hint}")
+
+    def version_rule(
+        self, rule: VersionRule, at: DataPath, upstreams: Mapping[str, Upstream]
+    ) -> dict[str, Any]:
+        if (rule.header is None) == (rule.cookie is None):
+            self.report(at, "give exactly one of 'header' or 'cookie'")
+        elif rule.header is not None and not _TOKEN.fullmatch(rule.header):
+            self.report((*at, "header"), f"invalid header name {rule.header!r}")
+        self.named_upstream(rule.upstream, (*at, "upstream"), upstreams)
+        return {
+            "header": rule.header.lower() if rule.header else None,
+            "cookie": rule.cookie,
+            "value": rule.value,
+            "upstream": rule.upstream,
+        }
+
+    def mirror(
+        self, mirror: MirrorTo | None, at: DataPath, upstreams: Mapping[str, Upstream]
+    ) -> dict[str, Any] | None:
+        if mirror is None:
+            return None
+        self.named_upstream(mirror.upstream, (*at, "upstream"), upstreams)
+        return {
+            "upstream": mirror.upstream,
+            "percent": mirror.percent,
+            "max_body": self.size(mirror.max_body, (*at, "max_body")),
+        }
+
+    def split(
+        self, split: Split | None, at: DataPath, upstreams: Mapping[str, Upstream]
+    ) -> dict[str, Any] | None:
+        if split is None:
+            return None
+        if not any(t.weight for t in split.targets):
+            self.report((*at, "targets"), "a split needs at least one target with a weight")
+        for j, t in enumerate(split.targets):
+            if t.upstream is not None:
+                self.named_upstream(t.upstream, (*at, "targets", j, "upstream"), upstreams)
+        hash_on = None
+        if split.hash_on is not None:
+            source, sep, name = split.hash_on.partition(":")
+            if source == "ip" and not sep:
+                hash_on = {"source": "ip", "name": None}
+            elif source in ("header", "cookie") and sep and _TOKEN.fullmatch(name):
+                hash_on = {"source": source, "name": name}
+            else:
+                self.report(
+                    (*at, "hash_on"),
+                    f'invalid hash_on {split.hash_on!r}: expected "ip", "header:NAME" or '
+                    '"cookie:NAME"',
+                )
+        return {
+            "targets": [{"upstream": t.upstream, "weight": t.weight} for t in split.targets],
+            "hash_on": hash_on,
+        }
+
+    def plan(self, name: str, plan: Plan) -> dict[str, Any]:
+        at: DataPath = ("plans", name)
+        return {
+            "rate_limits": [
+                self.rate_limit(
+                    limit, (*at, "rate_limits", j), f"plan:{name}", default_key="consumer"
+                )
+                for j, limit in enumerate(plan.rate_limits)
+            ],
+            "quotas": [
+                {
+                    "id": json.dumps([f"plan:{name}", q.name or j, q.limit, q.per]),
+                    "limit": q.limit,
+                    "period": q.per,
+                    "cluster": self.cluster_scope(q.scope, (*at, "quotas", j, "scope")),
+                }
+                for j, q in enumerate(plan.quotas)
+            ],
+        }
+
+    def consumer_plan(self, name: str, consumer: Consumer, plans: Mapping[str, Plan]) -> str | None:
+        if consumer.plan is not None and consumer.plan not in plans:
+            hint = did_you_mean(consumer.plan, plans) or " (define it under 'plans:')"
+            self.report(("consumers", name, "plan"), f"unknown plan '{consumer.plan}'{hint}")
+            return None
+        return consumer.plan
+
+    def cluster_scope(self, scope: str, at: DataPath) -> bool:
+        if scope == "cluster" and self.redis is None:
+            self.report(at, "scope: cluster needs rate_limiting.redis (where nodes count)")
+        return scope == "cluster"
 
     def network(self, text: str, at: DataPath) -> str:
         try:
@@ -512,23 +777,22 @@ class _Normalizer:
             "lease": store.lease,
         }
 
-    def rate_limit(self, limit: RateLimit, at: DataPath, scope: str) -> dict[str, Any]:
+    def rate_limit(
+        self, limit: RateLimit, at: DataPath, scope: str, default_key: str = "ip"
+    ) -> dict[str, Any]:
         per = self.duration(limit.per, (*at, "per"))
         if per <= 0:
             self.report((*at, "per"), "the period must be longer than zero")
-        cluster = limit.scope == "cluster"
-        if cluster and self.redis is None:
-            self.report(
-                (*at, "scope"), "scope: cluster needs rate_limiting.redis (where nodes count)"
-            )
+        cluster = self.cluster_scope(limit.scope, (*at, "scope"))
         if cluster and (per < 1 or per != int(per)):
             self.report((*at, "per"), "a cluster-wide limit counts in whole seconds (1s or more)")
-        keys = [limit.key] if isinstance(limit.key, str) else limit.key
+        key = default_key if limit.key is None else limit.key
+        keys = [key] if isinstance(key, str) else key
         if not keys:
             self.report((*at, "key"), "a limit needs at least one key")
         out_keys = []
         for k, text in enumerate(keys):
-            where = (*at, "key", k) if not isinstance(limit.key, str) else (*at, "key")
+            where = (*at, "key", k) if isinstance(limit.key, list) else (*at, "key")
             source, _, name = text.partition(":")
             if source not in LIMIT_KEY_SOURCES or (source == "header") != bool(name):
                 hint = did_you_mean(source, LIMIT_KEY_SOURCES)
@@ -603,7 +867,7 @@ class _Normalizer:
             self.report((*at, "targets"), "an upstream needs at least one target")
         timeouts = dict(defaults)
         if upstream.timeouts is not None:
-            for key in ("connect", "read"):
+            for key in ("connect", "read", "write", "total"):
                 value = getattr(upstream.timeouts, key)
                 if value is not None:
                     timeouts[key] = self.duration(value, (*at, "timeouts", key))
@@ -615,9 +879,18 @@ class _Normalizer:
             "keepalive_timeout": self.duration(
                 upstream.keepalive_timeout, (*at, "keepalive_timeout")
             ),
-            "timeouts": {"connect": timeouts["connect"], "read": timeouts["read"]},
+            "timeouts": {k: timeouts[k] for k in ("connect", "read", "write", "total")},
             "path_prefix": "",
+            **upstream_settings(self, upstream, at, self.upstream_names),
+            "adaptive_concurrency": self.adaptive(upstream.adaptive_concurrency, at),
         }
+
+    def adaptive(self, cfg: AdaptiveConcurrency | None, at: DataPath) -> dict[str, Any] | None:
+        if cfg is None:
+            return None
+        if cfg.min > cfg.max:
+            self.report((*at, "adaptive_concurrency", "min"), "min is above max")
+        return {"min": cfg.min, "max": cfg.max, "initial": cfg.initial, "tolerance": cfg.tolerance}
 
     def hash_on(self, upstream: Upstream, at: DataPath) -> dict[str, str | None] | None:
         text = upstream.hash_on
@@ -718,6 +991,13 @@ class _Normalizer:
                 self.rate_limit(limit, (*at, "rate_limits", j), name)
                 for j, limit in enumerate(route.rate_limits)
             ],
+            "versions": [
+                self.version_rule(v, (*at, "versions", j), upstreams)
+                for j, v in enumerate(route.versions)
+            ],
+            "split": self.split(route.split, (*at, "split"), upstreams),
+            "mirror": self.mirror(route.mirror, (*at, "mirror"), upstreams),
+            **route_settings(self, route.timeouts, route.retries, at),
         }
 
     def url_upstream(
@@ -741,8 +1021,9 @@ class _Normalizer:
             "hash_on": None,
             "keepalive": 1024,
             "keepalive_timeout": 60.0,
-            "timeouts": {"connect": timeouts["connect"], "read": timeouts["read"]},
+            "timeouts": {k: timeouts[k] for k in ("connect", "read", "write", "total")},
             "path_prefix": path_prefix,
+            **default_upstream_settings(self, ("upstreams", generated)),
         }
         return generated
 

@@ -36,6 +36,11 @@ from ferrogate.runtime_files import (
     write_atomic,
 )
 
+# Quota counters a node holds (consumer x quota pairs in the current windows), 16 bytes each.
+QUOTA_SLOTS = 1 << 16
+# Targets whose active health check results the node's workers share (probe.rs), 32 bytes each.
+HEALTH_SLOTS = 1 << 12
+
 # Supervision wakes up at least this often even without signals (checks are cheap).
 _TICK = 0.2
 # A child that ran at least this long before dying is not crash-looping.
@@ -77,9 +82,13 @@ class Master:
         self.pid_file_override = pid_file_override
         self.signals: list[int] = []
         self.listeners: list[socket.socket] = []
-        # The node's rate limit table: shared memory every worker maps (see ratelimit.rs).
+        # The node's rate limit and quota tables: one memfd every worker maps (ratelimit.rs).
         self.limits_fd: int | None = None
         self.limits_size = 0
+        self.quotas_size = QUOTA_SLOTS * 16
+        # Active health check results, shared so that a target is probed once per node.
+        self.health_fd: int | None = None
+        self.health_size = HEALTH_SLOTS * 32
         self.listen_addresses: list[str] = []
         self.echo_socket: socket.socket | None = None
         self.echo_address: str | None = None
@@ -234,14 +243,17 @@ class Master:
         """Make the shared rate limit table once; its pages are only backed once used."""
         self.limits_size = int(normalized["rate_limiting"]["slots"]) * 16
         self.limits_fd = os.memfd_create("ferrogate-rate-limits", 0)
-        os.ftruncate(self.limits_fd, self.limits_size)
+        os.ftruncate(self.limits_fd, self.limits_size + self.quotas_size)
 
     def _worker_slot(self, worker_id: int) -> _Slot:
         fds = tuple(sock.fileno() for sock in self.listeners)
         limits: list[str] = []
         if self.limits_fd is not None:
             fds = (*fds, self.limits_fd)
-            limits = ["--limits", f"{self.limits_fd}:{self.limits_size}"]
+            limits = ["--limits", f"{self.limits_fd}:{self.limits_size}:{self.quotas_size}"]
+        if self.health_fd is not None:
+            fds = (*fds, self.health_fd)
+            limits += ["--health", f"{self.health_fd}:{self.health_size}"]
         argv = [
             sys.executable,
             "-m",
@@ -262,6 +274,9 @@ class Master:
             argv = [sys.executable, "-m", "ferrogate.echo", "--fd", str(fd)]
             self.echo = _Slot("echo", argv, (fd,))
             self._spawn(self.echo)
+        if self.health_fd is None:
+            self.health_fd = os.memfd_create("ferrogate-health", 0)
+            os.ftruncate(self.health_fd, self.health_size)
         if self.limits_fd is None:
             self._open_limits_table(loaded.normalized)
         for worker_id in range(self._worker_count(loaded.normalized)):

@@ -17,6 +17,14 @@ def _fd_list(text: str) -> list[int]:
     return fds
 
 
+def _fd_and_sizes(text: str) -> tuple[int, int, int]:
+    try:
+        fd, limits, quotas = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FD:BYTES:BYTES, got {text!r}") from None
+    return fd, limits, quotas
+
+
 def _fd_and_size(text: str) -> tuple[int, int]:
     fd, _, size = text.partition(":")
     try:
@@ -54,7 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="normalized JSON config file")
     parser.add_argument("--worker-id", type=int, required=True)
     parser.add_argument("--fds", type=_fd_list, required=True, help="listening socket fds: 3,4")
-    parser.add_argument("--limits", type=_fd_and_size, help="the shared rate limit table: FD:BYTES")
+    parser.add_argument(
+        "--limits",
+        type=_fd_and_sizes,
+        help="the shared rate limit and quota tables: FD:LIMIT_BYTES:QUOTA_BYTES",
+    )
+    parser.add_argument(
+        "--health", type=_fd_and_size, help="the shared health check board: FD:BYTES"
+    )
     args = parser.parse_args(argv)
     # Ctrl-C reaches the whole process group; the master turns it into an orderly SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -72,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             args.worker_id,
             _PluginLoader(args.config, args.worker_id),
             args.limits,
+            args.health,
         )
     except Exception:
         traceback.print_exc()

@@ -1,6 +1,12 @@
 //! Choosing a target of an upstream: smooth weighted round robin, least connections, and
 //! consistent hashing. State is per worker; counters are atomics so the balancer can be
 //! shared by every connection task of the worker.
+//!
+//! Every balancer takes a `usable` predicate and only returns targets it accepts (targets
+//! that are down, open or already tried leave rotation): round robin draws again, least
+//! connections leaves them out of the comparison, and the hash ring walks on to the next
+//! usable target clockwise, so a key moves only while its own target is out, and every
+//! worker moves it to the same place.
 
 use crate::config::{Balance, HashSource};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -42,16 +48,45 @@ impl Balancer {
         }
     }
 
-    /// Pick a target index. `inflight[i] / weights[i]` drives least-connections; `key`
-    /// drives hashing (without a key, hashing falls back to round robin).
-    pub fn pick(&self, weights: &[u32], inflight: &dyn Fn(usize) -> usize, key: HashKey<'_>) -> usize {
+    /// Pick a target index among those `usable` accepts; None when it accepts none.
+    /// `inflight[i] / weights[i]` drives least-connections; `key` drives hashing (without a
+    /// key, hashing falls back to round robin).
+    pub fn pick(
+        &self,
+        weights: &[u32],
+        inflight: &dyn Fn(usize) -> usize,
+        key: HashKey<'_>,
+        usable: &dyn Fn(usize) -> bool,
+    ) -> Option<usize> {
         match self {
-            Balancer::RoundRobin(rr) => rr.next(),
-            Balancer::LeastConn { tie_break } => least_conn(weights, inflight, tie_break),
+            Balancer::RoundRobin(rr) => rr.next(usable),
+            Balancer::LeastConn { tie_break } => least_conn(weights, inflight, tie_break, usable),
             Balancer::Hash { ring, fallback, .. } => match key {
-                Some(k) => ring.get(hash64(k)),
-                None => fallback.next(),
+                Some(k) => ring.get(hash64(k), usable),
+                None => fallback.next(usable),
             },
+        }
+    }
+
+    /// Pick a target for a retry, after `last` failed: like [`pick`], but round robin takes
+    /// the next usable target after `last` instead of drawing from its shared rotation,
+    /// which a retry would shift (the failing target would then get every first attempt).
+    ///
+    /// [`pick`]: Balancer::pick
+    pub fn pick_again(
+        &self,
+        weights: &[u32],
+        inflight: &dyn Fn(usize) -> usize,
+        key: HashKey<'_>,
+        usable: &dyn Fn(usize) -> bool,
+        last: usize,
+    ) -> Option<usize> {
+        let n = weights.len();
+        let after = || (1..=n).map(|off| (last + off) % n).find(|&i| usable(i));
+        match self {
+            Balancer::RoundRobin(_) => after(),
+            Balancer::Hash { .. } if key.is_none() => after(),
+            _ => self.pick(weights, inflight, key, usable),
         }
     }
 
@@ -64,22 +99,29 @@ impl Balancer {
     }
 }
 
-fn least_conn(weights: &[u32], inflight: &dyn Fn(usize) -> usize, tie_break: &AtomicUsize) -> usize {
+fn least_conn(
+    weights: &[u32],
+    inflight: &dyn Fn(usize) -> usize,
+    tie_break: &AtomicUsize,
+    usable: &dyn Fn(usize) -> bool,
+) -> Option<usize> {
     let n = weights.len();
     // Rotate the starting point so equal loads spread instead of piling on target 0.
     let start = tie_break.fetch_add(1, Ordering::Relaxed) % n;
-    let mut best = start;
-    let mut best_load = (inflight(start) as u64, weights[start].max(1) as u64);
-    for off in 1..n {
+    let mut best: Option<(usize, (u64, u64))> = None;
+    for off in 0..n {
         let i = (start + off) % n;
+        if !usable(i) {
+            continue;
+        }
         let load = (inflight(i) as u64, weights[i].max(1) as u64);
         // a/b < c/d  <=>  a*d < c*b
-        if load.0 * best_load.1 < best_load.0 * load.1 {
-            best = i;
-            best_load = load;
+        match best {
+            Some((_, b)) if load.0 * b.1 >= b.0 * load.1 => {}
+            _ => best = Some((i, load)),
         }
     }
-    best
+    best.map(|(i, _)| i)
 }
 
 /// Smooth weighted round robin (the nginx algorithm): with weights 5,1,1 the order is
@@ -92,7 +134,6 @@ pub enum RoundRobin {
     },
     Weighted {
         weights: Vec<i64>,
-        total: i64,
         current: Mutex<Vec<i64>>,
     },
 }
@@ -108,29 +149,38 @@ impl RoundRobin {
         }
         let weights: Vec<i64> = weights.iter().map(|&w| w.max(1) as i64).collect();
         RoundRobin::Weighted {
-            total: weights.iter().sum(),
             current: Mutex::new(vec![0; weights.len()]),
             weights,
         }
     }
 
-    pub fn next(&self) -> usize {
+    /// The next usable target. Equal weights draw again from the shared counter, so the
+    /// targets left share the load evenly (skipping to the neighbour would double its
+    /// share); weighted ones run the smooth algorithm over the usable targets only, as nginx
+    /// does.
+    pub fn next(&self, usable: &dyn Fn(usize) -> bool) -> Option<usize> {
         match self {
-            RoundRobin::Equal { n, next } => next.fetch_add(1, Ordering::Relaxed) % n,
-            RoundRobin::Weighted {
-                weights,
-                total,
-                current,
-            } => {
+            RoundRobin::Equal { n, next } => (0..*n)
+                .map(|_| next.fetch_add(1, Ordering::Relaxed) % n)
+                .find(|&i| usable(i)),
+            RoundRobin::Weighted { weights, current, .. } => {
                 let mut cur = current.lock().unwrap_or_else(|e| e.into_inner());
-                let mut best = 0;
+                let mut best: Option<usize> = None;
+                let mut total = 0;
                 for (i, w) in weights.iter().enumerate() {
+                    if !usable(i) {
+                        continue;
+                    }
                     cur[i] += w;
-                    if cur[i] > cur[best] {
-                        best = i;
+                    total += w;
+                    match best {
+                        Some(b) if cur[i] <= cur[b] => {}
+                        _ => best = Some(i),
                     }
                 }
-                cur[best] -= total;
+                if let Some(b) = best {
+                    cur[b] -= total;
+                }
                 best
             }
         }
@@ -162,9 +212,22 @@ impl Ring {
         Ring { points }
     }
 
-    pub fn get(&self, h: u64) -> usize {
-        let idx = self.points.partition_point(|&(p, _)| p < h);
-        self.points[if idx == self.points.len() { 0 } else { idx }].1
+    /// The first usable target clockwise from `h`.
+    pub fn get(&self, h: u64, usable: &dyn Fn(usize) -> bool) -> Option<usize> {
+        let n = self.points.len();
+        let start = self.points.partition_point(|&(p, _)| p < h);
+        let mut refused = usize::MAX; // remember the last refusal: points repeat targets
+        for off in 0..n {
+            let t = self.points[(start + off) % n].1;
+            if t == refused {
+                continue;
+            }
+            if usable(t) {
+                return Some(t);
+            }
+            refused = t;
+        }
+        None
     }
 }
 
@@ -187,10 +250,20 @@ pub fn hash64(data: &[u8]) -> u64 {
 mod tests {
     use super::*;
 
+    const ALL: &dyn Fn(usize) -> bool = &|_| true;
+
+    fn pick(b: &Balancer, w: &[u32], load: &dyn Fn(usize) -> usize, key: HashKey<'_>) -> usize {
+        b.pick(w, load, key, ALL).unwrap()
+    }
+
     fn counts(b: &Balancer, weights: &[u32], n: usize) -> Vec<usize> {
+        counts_usable(b, weights, n, ALL)
+    }
+
+    fn counts_usable(b: &Balancer, weights: &[u32], n: usize, usable: &dyn Fn(usize) -> bool) -> Vec<usize> {
         let mut c = vec![0; weights.len()];
         for _ in 0..n {
-            c[b.pick(weights, &|_| 0, None)] += 1;
+            c[b.pick(weights, &|_| 0, None, usable).unwrap()] += 1;
         }
         c
     }
@@ -208,7 +281,7 @@ mod tests {
     fn weighted_round_robin_is_proportional_and_smooth() {
         let w = [5, 1, 1];
         let b = Balancer::new(Balance::RoundRobin, &w, None);
-        let seq: Vec<usize> = (0..7).map(|_| b.pick(&w, &|_| 0, None)).collect();
+        let seq: Vec<usize> = (0..7).map(|_| pick(&b, &w, &|_| 0, None)).collect();
         assert_eq!(seq, vec![0, 0, 1, 0, 2, 0, 0]);
         assert_eq!(counts(&b, &w, 700), vec![500, 100, 100]);
     }
@@ -219,11 +292,11 @@ mod tests {
         let b = Balancer::new(Balance::LeastConn, &w, None);
         let load = [5usize, 0, 3];
         for _ in 0..10 {
-            assert_eq!(b.pick(&w, &|i| load[i], None), 1);
+            assert_eq!(pick(&b, &w, &|i| load[i], None), 1);
         }
         let w = [1, 4];
         let load = [1usize, 3]; // 1/1 > 3/4
-        assert_eq!(b.pick(&w, &|i| load[i], None), 1);
+        assert_eq!(pick(&b, &w, &|i| load[i], None), 1);
     }
 
     #[test]
@@ -245,8 +318,8 @@ mod tests {
         let mut seen = vec![0; 4];
         for u in 0..2000 {
             let key = format!("user-{u}");
-            let first = b.pick(&w, &|_| 0, Some(key.as_bytes()));
-            assert_eq!(first, b.pick(&w, &|_| 0, Some(key.as_bytes())));
+            let first = pick(&b, &w, &|_| 0, Some(key.as_bytes()));
+            assert_eq!(first, pick(&b, &w, &|_| 0, Some(key.as_bytes())));
             seen[first] += 1;
         }
         assert!(seen.iter().all(|&c| c > 350 && c < 650), "{seen:?}");
@@ -259,11 +332,80 @@ mod tests {
         let mut moved = 0;
         for u in 0..4000u32 {
             let h = hash64(&u.to_le_bytes());
-            let a = four.get(h);
-            if a != 3 && three.get(h) != a {
+            let a = four.get(h, ALL).unwrap();
+            if a != 3 && three.get(h, ALL).unwrap() != a {
                 moved += 1;
             }
         }
         assert_eq!(moved, 0);
+    }
+
+    #[test]
+    fn round_robin_skips_down_targets_and_spreads_over_the_rest() {
+        let w = [1, 1, 1];
+        let b = Balancer::new(Balance::RoundRobin, &w, None);
+        assert_eq!(counts_usable(&b, &w, 300, &|i| i != 2), vec![150, 150, 0]);
+        assert_eq!(b.pick(&w, &|_| 0, None, &|_| false), None);
+    }
+
+    #[test]
+    fn weighted_round_robin_skips_down_targets_keeping_proportions() {
+        let w = [5, 1, 1];
+        let b = Balancer::new(Balance::RoundRobin, &w, None);
+        assert_eq!(counts_usable(&b, &w, 600, &|i| i != 0), vec![0, 300, 300]);
+        assert_eq!(counts_usable(&b, &w, 600, &|i| i != 2), vec![500, 100, 0]);
+        assert_eq!(b.pick(&w, &|_| 0, None, &|_| false), None);
+    }
+
+    #[test]
+    fn a_retry_does_not_shift_the_rotation() {
+        let w = [1, 1];
+        let b = Balancer::new(Balance::RoundRobin, &w, None);
+        let mut first = vec![0; 2];
+        for _ in 0..10 {
+            let i = pick(&b, &w, &|_| 0, None);
+            first[i] += 1;
+            if i == 0 {
+                // target 0 fails: the retry goes to the next one, outside the rotation
+                assert_eq!(b.pick_again(&w, &|_| 0, None, &|j| j != 0, 0), Some(1));
+            }
+        }
+        assert_eq!(first, vec![5, 5]);
+    }
+
+    #[test]
+    fn least_conn_skips_down_targets() {
+        let w = [1, 1, 1];
+        let b = Balancer::new(Balance::LeastConn, &w, None);
+        let load = [5usize, 0, 3];
+        for _ in 0..10 {
+            assert_eq!(b.pick(&w, &|i| load[i], None, &|i| i != 1), Some(2));
+        }
+        assert_eq!(b.pick(&w, &|i| load[i], None, &|_| false), None);
+    }
+
+    #[test]
+    fn hash_skips_down_targets_deterministically_and_moves_only_their_keys() {
+        let w = [1, 1, 1, 1];
+        let b = Balancer::new(Balance::Hash, &w, Some((HashSource::Header, Some("x".into()))));
+        let all: Vec<usize> = (0..2000u32)
+            .map(|u| pick(&b, &w, &|_| 0, Some(&u.to_le_bytes())))
+            .collect();
+        let without_1 = |i: usize| i != 1;
+        let mut moved_to = vec![0; 4];
+        for u in 0..2000u32 {
+            let key = u.to_le_bytes();
+            let now = b.pick(&w, &|_| 0, Some(&key), &without_1).unwrap();
+            assert_eq!(now, b.pick(&w, &|_| 0, Some(&key), &without_1).unwrap());
+            if all[u as usize] == 1 {
+                moved_to[now] += 1;
+            } else {
+                assert_eq!(now, all[u as usize], "a key of a healthy target moved");
+            }
+        }
+        // the keys of the down target spread over the others, not onto one neighbour
+        assert_eq!(moved_to[1], 0);
+        assert!(moved_to.iter().filter(|&&c| c > 0).count() == 3, "{moved_to:?}");
+        assert_eq!(b.pick(&w, &|_| 0, Some(b"k"), &|_| false), None);
     }
 }

@@ -32,12 +32,32 @@ impl std::fmt::Display for BodyError {
 impl std::error::Error for BodyError {}
 
 /// The client's body on its way upstream, counted against the body limit.
+///
+/// It can keep what it hands out (reference-counted slices, no copy) up to a cap, so that a
+/// retry can send the body again: [`RequestBody::rewind`].
 pub struct RequestBody {
     /// None once the whole body is in `first` (buffered for plugins).
     inner: Option<Incoming>,
     first: Option<Frame<Bytes>>,
     seen: u64,
     limit: u64,
+    /// Something was handed out (since the last rewind).
+    handed: bool,
+    keep: Keep,
+}
+
+/// Data frames kept for a resend, and how many of them were handed out again since the
+/// last rewind.
+enum Keep {
+    Off,
+    On {
+        frames: Vec<Bytes>,
+        bytes: u64,
+        cap: u64,
+        replayed: usize,
+    },
+    /// Went over the cap: the body cannot be sent again.
+    Lost,
 }
 
 impl RequestBody {
@@ -52,16 +72,92 @@ impl RequestBody {
             first,
             seen,
             limit,
+            handed: false,
+            keep: Keep::Off,
         }
     }
 
-    /// A body already read whole.
+    /// A body already read whole (it can always be sent again).
     pub fn buffered(bytes: Bytes) -> Self {
         RequestBody {
             inner: None,
             seen: bytes.len() as u64,
             first: (!bytes.is_empty()).then(|| Frame::data(bytes)),
             limit: 0,
+            handed: false,
+            keep: Keep::On {
+                frames: Vec::new(),
+                bytes: 0,
+                cap: u64::MAX,
+                replayed: 0,
+            },
+        }
+    }
+
+    /// Keep up to `cap` bytes of what is handed out from now on, for [`rewind`]. Only
+    /// before anything was handed out.
+    ///
+    /// [`rewind`]: RequestBody::rewind
+    pub fn keep_for_resend(&mut self, cap: u64) {
+        if matches!(self.keep, Keep::Off) && !self.handed && cap > 0 {
+            self.keep = Keep::On {
+                frames: Vec::new(),
+                bytes: 0,
+                cap,
+                replayed: 0,
+            };
+        }
+    }
+
+    /// Whether the body can be sent (again) from its start: nothing was handed out, or all
+    /// of it was kept.
+    pub fn replayable(&self) -> bool {
+        !self.handed || matches!(self.keep, Keep::On { .. })
+    }
+
+    /// Start over: what was handed out is handed out again, then the rest of the client's
+    /// body. False (and nothing changes) when that is not possible.
+    pub fn rewind(&mut self) -> bool {
+        if !self.handed {
+            return true;
+        }
+        match &mut self.keep {
+            Keep::On { replayed, .. } => {
+                *replayed = 0;
+                self.handed = false;
+                true
+            }
+            Keep::Off | Keep::Lost => false,
+        }
+    }
+
+    /// Bytes kept and not handed out again yet.
+    fn pending_replay(&self) -> (u64, bool) {
+        match &self.keep {
+            Keep::On { frames, replayed, .. } if *replayed < frames.len() => {
+                (frames[*replayed..].iter().map(|f| f.len() as u64).sum(), true)
+            }
+            _ => (0, false),
+        }
+    }
+
+    /// Remember a data frame on its way out.
+    #[inline]
+    fn kept(&mut self, data: &Bytes) {
+        if let Keep::On {
+            frames,
+            bytes,
+            cap,
+            replayed,
+        } = &mut self.keep
+        {
+            *bytes += data.len() as u64;
+            if *bytes > *cap {
+                self.keep = Keep::Lost;
+            } else {
+                frames.push(data.clone());
+                *replayed = frames.len();
+            }
         }
     }
 }
@@ -104,20 +200,34 @@ impl Body for RequestBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        if let Some(f) = self.first.take() {
+        let this = &mut *self;
+        if let Keep::On { frames, replayed, .. } = &mut this.keep {
+            if *replayed < frames.len() {
+                *replayed += 1;
+                this.handed = true;
+                return Poll::Ready(Some(Ok(Frame::data(frames[*replayed - 1].clone()))));
+            }
+        }
+        if let Some(f) = this.first.take() {
+            this.handed = true;
+            if let Some(d) = f.data_ref() {
+                this.kept(d);
+            }
             return Poll::Ready(Some(Ok(f)));
         }
-        let Some(inner) = self.inner.as_mut() else {
+        let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
         let frame = ready!(Pin::new(inner).poll_frame(cx));
         Poll::Ready(match frame {
             Some(Ok(f)) => {
+                this.handed = true;
                 if let Some(d) = f.data_ref() {
-                    self.seen += d.len() as u64;
-                    if self.limit > 0 && self.seen > self.limit {
+                    this.seen += d.len() as u64;
+                    if this.limit > 0 && this.seen > this.limit {
                         return Poll::Ready(Some(Err(BodyError::TooLarge)));
                     }
+                    this.kept(d);
                 }
                 Some(Ok(f))
             }
@@ -127,7 +237,9 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.first.is_none() && !matches!(&self.inner, Some(b) if !b.is_end_stream())
+        self.first.is_none()
+            && !matches!(&self.inner, Some(b) if !b.is_end_stream())
+            && !matches!(&self.keep, Keep::On { frames, replayed, .. } if *replayed < frames.len())
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -135,7 +247,8 @@ impl Body for RequestBody {
             .first
             .as_ref()
             .and_then(|f| f.data_ref())
-            .map_or(0, |d| d.len() as u64);
+            .map_or(0, |d| d.len() as u64)
+            + self.pending_replay().0;
         let Some(inner) = self.inner.as_ref() else {
             return SizeHint::with_exact(first);
         };

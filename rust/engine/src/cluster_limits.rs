@@ -93,14 +93,28 @@ impl ClusterLimits {
         })
     }
 
-    /// Count one request for `key` under `limit` per `per_secs` (whole seconds, the window).
+    /// Count one request for `key` under `limit` per fixed window of `per_secs` seconds.
     pub async fn check(&self, key: u64, limit: u64, per_secs: u64) -> Result<ClusterVerdict, GatewayError> {
         let per = per_secs.max(1);
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let window = now / per;
-        let reset_secs = (window + 1) * per - now;
+        self.check_window(key, limit, window, (window + 1) * per - now, per)
+            .await
+    }
+
+    /// Count one request for `key` under `limit` in window number `window` (its counter
+    /// lives `ttl_secs` x 2 in Redis), `reset_secs` before the window ends.
+    pub async fn check_window(
+        &self,
+        key: u64,
+        limit: u64,
+        window: u64,
+        reset_secs: u64,
+        ttl_secs: u64,
+    ) -> Result<ClusterVerdict, GatewayError> {
+        let per = ttl_secs.max(1);
         let lease_size = ((limit as f64 * self.config.lease).ceil() as u64).clamp(1, limit.max(1));
         loop {
             let wait = {

@@ -27,6 +27,41 @@ pub struct GatewayConfig {
     pub trusted_proxies: Vec<String>,
     #[serde(default)]
     pub rate_limiting: RateLimiting,
+    /// Plans by name: the limits and quotas of the consumers on them.
+    #[serde(default)]
+    pub plans: BTreeMap<String, PlanConfig>,
+    #[serde(default)]
+    pub consumers: BTreeMap<String, ConsumerConfig>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct PlanConfig {
+    #[serde(default)]
+    pub rate_limits: Vec<RateLimitConfig>,
+    #[serde(default)]
+    pub quotas: Vec<QuotaConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuotaPeriod {
+    Day,
+    Month,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct QuotaConfig {
+    pub id: String,
+    pub limit: u64,
+    pub period: QuotaPeriod,
+    #[serde(default)]
+    pub cluster: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ConsumerConfig {
+    #[serde(default)]
+    pub plan: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -223,7 +258,7 @@ impl Default for RetryConfig {
     fn default() -> Self {
         RetryConfig {
             count: 1,
-            on: vec!["connect".into()],
+            on: vec!["connect".into(), "reset".into()],
             statuses: Vec::new(),
             methods: ["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"]
                 .map(String::from)
@@ -335,6 +370,9 @@ pub struct UpstreamConfig {
     pub retry_budget: Option<RetryBudgetConfig>,
     #[serde(default)]
     pub fallback: Option<FallbackConfig>,
+    /// Limit concurrent requests by latency (AIMD), shedding the rest with 503.
+    #[serde(default)]
+    pub adaptive_concurrency: Option<AdaptiveConfig>,
 }
 
 fn default_balance() -> Balance {
@@ -388,6 +426,60 @@ pub struct RouteConfig {
     pub retries: Option<RetryConfig>,
     #[serde(default)]
     pub rate_limits: Vec<RateLimitConfig>,
+    /// Header/cookie values that send a request to another upstream (checked first).
+    #[serde(default)]
+    pub versions: Vec<VersionRuleConfig>,
+    /// A weighted split between upstreams (canary).
+    #[serde(default)]
+    pub split: Option<SplitConfig>,
+    /// Shadow traffic: a copy of the requests to another upstream, answers dropped.
+    #[serde(default)]
+    pub mirror: Option<MirrorConfig>,
+}
+
+/// `upstreams.*.adaptive_concurrency`: AIMD on latency (see `concurrency.rs`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct AdaptiveConfig {
+    pub min: u32,
+    pub max: u32,
+    pub initial: u32,
+    /// Latency above `tolerance` x the recent best counts as a slowdown.
+    pub tolerance: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MirrorConfig {
+    pub upstream: String,
+    /// Share of the requests mirrored, 0-100.
+    pub percent: f64,
+    /// Larger (or chunked) request bodies are not mirrored.
+    pub max_body: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct VersionRuleConfig {
+    #[serde(default)]
+    pub header: Option<String>,
+    #[serde(default)]
+    pub cookie: Option<String>,
+    pub value: String,
+    pub upstream: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SplitTarget {
+    /// None: the route's own upstream.
+    #[serde(default)]
+    pub upstream: Option<String>,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SplitConfig {
+    pub targets: Vec<SplitTarget>,
+    /// Sticky: the same client (address, header or cookie) keeps its side of the split.
+    #[serde(default)]
+    pub hash_on: Option<HashOn>,
 }
 
 fn default_true() -> bool {

@@ -8,6 +8,7 @@ use crate::filters::{BodyLimit, ForwardedHeaders};
 use crate::limiter::{trusted_proxies, Limit};
 use crate::phase::Filter;
 use crate::plugins::PluginHost;
+use crate::quota::Plan;
 use crate::router::Router;
 use crate::upstream::{secs, Upstream};
 use ipnet::IpNet;
@@ -29,6 +30,8 @@ pub struct Engine {
     pub trusted_proxies: Vec<IpNet>,
     /// Where cluster-wide limits count (kept across reloads while its settings stay).
     pub cluster_limits: Option<Arc<ClusterLimits>>,
+    /// Each consumer's plan (consumers without one are not here).
+    pub plans: HashMap<String, Arc<Plan>>,
     pub grace_period: Duration,
     pub client_idle: Duration,
 }
@@ -57,12 +60,39 @@ impl Engine {
                     .find(|t| t.address == address && &t.pool.settings == settings)?;
                 Some(t.pool.clone())
             };
-            match Upstream::build(name, uc, &config.timeouts, &reuse) {
+            // Health state (passive marks, breakers, the probe task) lives on while the
+            // target's health settings stay the same.
+            let reuse_health = |address: &str| {
+                let old = previous?.upstreams.iter().find(|u| &u.name == name)?;
+                let t = old.targets.iter().find(|t| {
+                    t.address == address
+                        && t.health.config == uc.health
+                        && t.health.breaker_config == uc.breaker
+                })?;
+                Some(t.health.clone())
+            };
+            match Upstream::build(name, uc, &config.timeouts, &reuse, &reuse_health) {
                 Ok(u) => {
                     index.insert(name.clone(), upstreams.len());
                     upstreams.push(u);
                 }
                 Err(mut p) => problems.append(&mut p),
+            }
+        }
+        for u in &mut upstreams {
+            let Some(fallback) = u.fallback_name.as_deref() else {
+                continue;
+            };
+            match index.get(fallback) {
+                Some(&i) if fallback != u.name => {
+                    u.fallback = Some(crate::upstream::Fallback::Upstream(i));
+                }
+                // It exists but did not compile: its own problems say why.
+                None if fallback != u.name && config.upstreams.contains_key(fallback) => {}
+                _ => problems.push(ConfigProblem::new(
+                    format!("upstreams.{}.fallback.upstream", u.name),
+                    format!("'{fallback}' is not another upstream"),
+                )),
             }
         }
         let lookup = |n: &str| {
@@ -105,6 +135,29 @@ impl Engine {
                 },
             },
         };
+        let mut compiled = HashMap::new();
+        for (name, plan) in &config.plans {
+            match Plan::compile(name, plan) {
+                Ok(p) => {
+                    compiled.insert(name.clone(), Arc::new(p));
+                }
+                Err(mut p) => problems.append(&mut p),
+            }
+        }
+        let mut plans = HashMap::new();
+        for (consumer, c) in &config.consumers {
+            if let Some(plan) = &c.plan {
+                match compiled.get(plan) {
+                    Some(p) => {
+                        plans.insert(consumer.clone(), p.clone());
+                    }
+                    None => problems.push(ConfigProblem::new(
+                        format!("consumers.{consumer}.plan"),
+                        format!("unknown plan '{plan}'"),
+                    )),
+                }
+            }
+        }
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -122,9 +175,20 @@ impl Engine {
             global_limits,
             trusted_proxies: trusted,
             cluster_limits,
+            plans,
             grace_period: secs(config.grace_period),
             client_idle: secs(config.timeouts.client_idle),
         })
+    }
+
+    /// Start this worker's active health check tasks for targets that have none yet (a
+    /// reload keeps the running ones of unchanged targets). Needs the tokio runtime.
+    pub fn start_probes(&self, board: Option<&Arc<crate::probe::HealthBoard>>) {
+        for u in &self.upstreams {
+            for t in &u.targets {
+                crate::probe::start(&t.health, board);
+            }
+        }
     }
 
     /// Problems with `config_json`, as the control plane shows them.

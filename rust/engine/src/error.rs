@@ -14,9 +14,12 @@ pub enum ErrorKind {
     PluginFailed,
     RateLimited,
     RateLimitStoreUnavailable,
+    Overloaded,
     ResponseTooLarge,
     UpstreamUnreachable,
     UpstreamTimeout,
+    NoHealthyTarget,
+    CircuitOpen,
 }
 
 impl ErrorKind {
@@ -31,9 +34,12 @@ impl ErrorKind {
             ErrorKind::PluginFailed => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::RateLimitStoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::ResponseTooLarge => StatusCode::BAD_GATEWAY,
             ErrorKind::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::NoHealthyTarget => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -48,9 +54,12 @@ impl ErrorKind {
             ErrorKind::PluginFailed => "plugin_error",
             ErrorKind::RateLimited => "rate_limited",
             ErrorKind::RateLimitStoreUnavailable => "rate_limit_store_unavailable",
+            ErrorKind::Overloaded => "overloaded",
             ErrorKind::ResponseTooLarge => "response_too_large",
             ErrorKind::UpstreamUnreachable => "upstream_unreachable",
             ErrorKind::UpstreamTimeout => "upstream_timeout",
+            ErrorKind::NoHealthyTarget => "no_healthy_target",
+            ErrorKind::CircuitOpen => "circuit_open",
         }
     }
 

@@ -13,10 +13,12 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{request, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use std::time::Duration;
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::TcpStream;
 
 /// A response head above this size is refused (hyper's default limit is similar).
@@ -92,14 +94,32 @@ impl Conn {
     }
 
     /// Send the request and read the response head. The body streams afterwards through
-    /// the returned [`UpstreamBody`], which owns the connection.
+    /// the returned [`UpstreamBody`], which owns the connection. `write_timeout` bounds each
+    /// wait for the upstream to accept more of the request (an `io::ErrorKind::TimedOut`).
+    ///
+    /// `deadline` (and the read timeout it comes from, for the message) bounds sending the
+    /// body and waiting for the response head: expiry is an `io::ErrorKind::TimedOut` too.
+    /// Only those two small futures are put under the timer, not the whole exchange, so
+    /// the exchange's state is never moved into a timeout wrapper.
     pub async fn exchange(
         mut self,
         parts: &request::Parts,
         body: &mut RequestBody,
+        write_timeout: Option<Duration>,
+        deadline: Option<(tokio::time::Instant, Duration)>,
     ) -> Result<(Response<()>, Framing, Self), ExchangeError> {
+        let timed_out = |read: Duration, sent_body| ExchangeError::Io {
+            error: io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("sent no response within {read:?}"),
+            ),
+            before_response: true,
+            wrote_head: true,
+            sent_body,
+        };
         let chunked = self.write_head(parts, body);
-        if let Err(error) = self.stream.write_all(&self.out).await {
+        let head = write_all_vectored(&self.stream, &mut [IoSlice::new(&self.out)], write_timeout).await;
+        if let Err(error) = head {
             return Err(ExchangeError::Io {
                 error,
                 before_response: true,
@@ -114,13 +134,27 @@ impl Conn {
             // and stop reading: watch for its response while writing, or both sides wait.
             let stream = &self.stream;
             let mut probe = [0u8; 1];
+            let expiry = async {
+                match deadline {
+                    Some((d, _)) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
-                written = write_body(stream, body, chunked, &mut sent_body) => written?,
+                written = write_body(stream, body, chunked, &mut sent_body, write_timeout) => written?,
                 _ = stream.peek(&mut probe) => answered_early = true,
+                () = expiry => return Err(timed_out(deadline.map(|d| d.1).unwrap_or_default(), sent_body)),
             }
         }
-        let (resp, mut framing) = self.read_head(&parts.method, sent_body).await?;
+        let head = self.read_head(&parts.method, sent_body);
+        let (resp, mut framing) = match deadline {
+            None => head.await?,
+            Some((d, read)) => match tokio::time::timeout_at(d, head).await {
+                Ok(r) => r?,
+                Err(_) => return Err(timed_out(read, sent_body)),
+            },
+        };
         if answered_early {
             // The upstream did not read the whole request: the connection's state is unknown.
             framing.keep_alive = false;
@@ -206,6 +240,7 @@ async fn write_body(
     body: &mut RequestBody,
     chunked: bool,
     sent_body: &mut bool,
+    timeout: Option<Duration>,
 ) -> Result<(), ExchangeError> {
     let io_err = |error| ExchangeError::Io {
         error,
@@ -231,15 +266,17 @@ async fn write_body(
                 IoSlice::new(&data),
                 IoSlice::new(b"\r\n"),
             ];
-            write_all_vectored(stream, &mut parts).await.map_err(io_err)?;
+            write_all_vectored(stream, &mut parts, timeout)
+                .await
+                .map_err(io_err)?;
         } else {
-            write_all_vectored(stream, &mut [IoSlice::new(&data)])
+            write_all_vectored(stream, &mut [IoSlice::new(&data)], timeout)
                 .await
                 .map_err(io_err)?;
         }
     }
     if chunked {
-        write_all_vectored(stream, &mut [IoSlice::new(b"0\r\n\r\n")])
+        write_all_vectored(stream, &mut [IoSlice::new(b"0\r\n\r\n")], timeout)
             .await
             .map_err(io_err)?;
     }
@@ -262,16 +299,30 @@ fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     }
 }
 
-/// Write everything through a shared reference, so a read can be awaited meanwhile.
-async fn write_all_vectored(stream: &TcpStream, parts: &mut [IoSlice<'_>]) -> io::Result<()> {
+/// Write everything through a shared reference, so a read can be awaited meanwhile. A
+/// wait for the socket to take more bytes longer than `timeout` fails with `TimedOut`; the
+/// timer is only set when a write would block, so a request that fits the socket buffer
+/// costs no clock read.
+async fn write_all_vectored(
+    stream: &TcpStream,
+    parts: &mut [IoSlice<'_>],
+    timeout: Option<Duration>,
+) -> io::Result<()> {
     let mut parts = &mut parts[..];
     IoSlice::advance_slices(&mut parts, 0); // skip leading empty slices
     while !parts.is_empty() {
-        stream.writable().await?;
         match stream.try_write_vectored(parts) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => IoSlice::advance_slices(&mut parts, n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => match timeout {
+                None => stream.writable().await?,
+                Some(t) => tokio::time::timeout(t, stream.writable()).await.map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the upstream took no more of the request for {t:?}"),
+                    )
+                })??,
+            },
             Err(e) => return Err(e),
         }
     }
@@ -519,10 +570,21 @@ pub struct UpstreamBody {
     done: bool,
     keep_alive: bool,
     home: Option<std::sync::Arc<dyn Recycle>>,
+    /// The longest wait for more of the body (the read timeout), and its timer: made the
+    /// first time a read has to wait, re-armed at each wait after progress.
+    idle: Option<Duration>,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    timer_armed: bool,
 }
 
 impl UpstreamBody {
-    pub fn new(conn: Conn, framing: Framing, home: std::sync::Arc<dyn Recycle>) -> Self {
+    /// `idle`: fail the body when the upstream sends nothing more for this long.
+    pub fn new(
+        conn: Conn,
+        framing: Framing,
+        home: std::sync::Arc<dyn Recycle>,
+        idle: Option<Duration>,
+    ) -> Self {
         let done = framing.kind == BodyKind::Empty;
         let mut body = UpstreamBody {
             conn: Some(conn),
@@ -531,11 +593,36 @@ impl UpstreamBody {
             done,
             keep_alive: framing.keep_alive,
             home: Some(home),
+            idle,
+            timer: None,
+            timer_armed: false,
         };
         if done {
             body.finish();
         }
         body
+    }
+
+    /// A read is pending: start (or keep) the idle timer; Ready(Err) when it has expired.
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let Some(idle) = self.idle else {
+            return Poll::Pending;
+        };
+        let timer = match &mut self.timer {
+            Some(t) => {
+                if !self.timer_armed {
+                    t.as_mut().reset(tokio::time::Instant::now() + idle);
+                }
+                t
+            }
+            None => self.timer.insert(Box::pin(tokio::time::sleep(idle))),
+        };
+        self.timer_armed = true;
+        ready!(timer.as_mut().poll(cx));
+        Poll::Ready(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the upstream sent nothing more of the body for {idle:?}"),
+        ))
     }
 
     fn finish(&mut self) {
@@ -593,12 +680,18 @@ impl Body for UpstreamBody {
                 this.finish();
                 return Poll::Ready(None);
             }
-            let n = ready!(poll_read_more(
-                &mut conn.stream,
-                &mut conn.buf,
-                &mut conn.read_size,
-                cx
-            ))?;
+            let n = match poll_read_more(&mut conn.stream, &mut conn.buf, &mut conn.read_size, cx) {
+                Poll::Ready(r) => {
+                    this.timer_armed = false;
+                    r?
+                }
+                Poll::Pending => {
+                    let err = ready!(this.poll_idle(cx));
+                    this.keep_alive = false;
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(err)));
+                }
+            };
             if n == 0 {
                 if this.kind == BodyKind::UntilClose {
                     this.keep_alive = false;

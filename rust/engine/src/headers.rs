@@ -94,7 +94,7 @@ fn seed() -> u64 {
     (t ^ (std::process::id() as u64).rotate_left(32) ^ addr) | 1
 }
 
-fn next_u64() -> u64 {
+pub(crate) fn next_u64() -> u64 {
     // xorshift64*: request ids need to be unique, not unpredictable.
     RNG.with(|s| {
         let mut x = s.get();

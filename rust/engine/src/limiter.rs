@@ -158,7 +158,7 @@ pub async fn check_cluster<'l>(
                 ),
             ));
         }
-        if shown.is_none_or_more(&info) {
+        if leaves_fewer(shown, &info) {
             *shown = Some(info);
         }
     }
@@ -185,7 +185,7 @@ pub fn check<'l>(
         if !v.allowed && refused.is_none() {
             refused = Some((limit, info));
         }
-        if shown.is_none_or_more(&info) {
+        if leaves_fewer(&shown, &info) {
             shown = Some(info);
         }
     }
@@ -204,18 +204,27 @@ pub fn check<'l>(
     }
 }
 
-trait MoreRestrictive {
-    fn is_none_or_more(&self, other: &RateInfo) -> bool;
+/// True when `info` leaves fewer requests than what `shown` holds (or nothing is shown).
+pub fn leaves_fewer(shown: &Option<RateInfo>, info: &RateInfo) -> bool {
+    match shown {
+        None => true,
+        Some(s) => info.remaining < s.remaining,
+    }
 }
 
-impl MoreRestrictive for Option<RateInfo> {
-    /// True when `other` leaves fewer requests than what is shown so far.
-    fn is_none_or_more(&self, other: &RateInfo) -> bool {
-        match self {
-            None => true,
-            Some(s) => other.remaining < s.remaining,
-        }
+/// A stable hash of a name (the same in every process and node).
+pub fn hash_str(text: &str) -> u64 {
+    fnv(FNV_OFFSET, text.as_bytes())
+}
+
+/// A stable hash of `seed` and `parts`, each part delimited.
+pub fn hash_parts(seed: u64, parts: &[&[u8]]) -> u64 {
+    let mut h = fnv(FNV_OFFSET, &seed.to_le_bytes());
+    for p in parts {
+        h = fnv(h, p);
+        h = fnv(h, &[0xff]);
     }
+    h
 }
 
 /// Parse the trusted proxy list (CIDRs or single addresses).

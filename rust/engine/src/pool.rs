@@ -17,7 +17,19 @@ use tokio::net::TcpStream;
 pub struct PoolSettings {
     pub keepalive: usize,
     pub keepalive_timeout: Duration,
+    /// The connect timeout of [`ConnPool::send`]; `send_with` takes its own.
     pub connect_timeout: Duration,
+}
+
+/// The timeouts of one attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct AttemptTimeouts {
+    pub connect: Duration,
+    /// Each wait for the upstream to take more of the request.
+    pub write: Option<Duration>,
+    /// From the attempt's start (after connecting, for a new connection) to the response
+    /// head, then each wait for more of the response body.
+    pub read: Option<Duration>,
 }
 
 struct IdleConn {
@@ -31,7 +43,8 @@ pub struct ConnPool {
     idle: Mutex<Vec<IdleConn>>,
 }
 
-/// Why a request could not be sent or answered.
+/// Why a request could not be sent or answered. A read or write timeout is an
+/// `ExchangeError::Io` of kind `TimedOut`.
 #[derive(Debug)]
 pub enum SendError {
     Connect(std::io::Error),
@@ -90,8 +103,8 @@ impl ConnPool {
         self.idle.lock().map(|i| i.len()).unwrap_or(0)
     }
 
-    async fn connect(&self) -> Result<Conn, SendError> {
-        let stream = tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(&self.address))
+    async fn connect(&self, timeout: Duration) -> Result<Conn, SendError> {
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(&self.address))
             .await
             .map_err(|_| SendError::ConnectTimeout)?
             .map_err(SendError::Connect)?;
@@ -109,22 +122,48 @@ impl ConnPool {
         parts: &request::Parts,
         body: &mut RequestBody,
     ) -> Result<Response<UpstreamBody>, SendError> {
+        let timeouts = AttemptTimeouts {
+            connect: self.settings.connect_timeout,
+            write: None,
+            read: None,
+        };
+        self.send_with(parts, body, &timeouts, Instant::now()).await
+    }
+
+    /// [`send`] with the attempt's own timeouts; `started` is when the attempt began (the
+    /// read timeout counts from it on a reused connection, from the connect otherwise).
+    ///
+    /// [`send`]: ConnPool::send
+    pub async fn send_with(
+        self: &Arc<Self>,
+        parts: &request::Parts,
+        body: &mut RequestBody,
+        timeouts: &AttemptTimeouts,
+        started: Instant,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        let mut deadline = timeouts.read.map(|r| ((started + r).into(), r));
         loop {
             let (conn, reused) = match self.take() {
                 Some(c) => (c, true),
-                None => (self.connect().await?, false),
+                None => {
+                    let conn = self.connect(timeouts.connect).await?;
+                    deadline = timeouts.read.map(|r| ((Instant::now() + r).into(), r));
+                    (conn, false)
+                }
             };
-            match conn.exchange(parts, body).await {
+            match conn.exchange(parts, body, timeouts.write, deadline).await {
                 Ok((resp, framing, conn)) => {
                     let home: Arc<dyn Recycle> = self.clone();
-                    return Ok(resp.map(|()| UpstreamBody::new(conn, framing, home)));
+                    return Ok(resp.map(|()| UpstreamBody::new(conn, framing, home, timeouts.read)));
                 }
                 Err(ExchangeError::Io {
                     before_response: true,
                     sent_body: false,
                     wrote_head,
-                    ..
-                }) if reused && (!wrote_head || idempotent(&parts.method)) => {}
+                    ref error,
+                }) if reused
+                    && error.kind() != std::io::ErrorKind::TimedOut
+                    && (!wrote_head || idempotent(&parts.method)) => {}
                 Err(e) => return Err(SendError::Exchange(e)),
             }
         }

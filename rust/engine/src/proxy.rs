@@ -1,18 +1,18 @@
 //! The request path. One function per phase, called in order by [`handle`]; see
 //! `phase.rs` for the phase names and docs/architecture.md for the picture.
 
-use crate::body::{collect_capped, BodyError, BodyTap, RequestBody, ResponseBody};
+use crate::body::{collect_capped, BodyTap, RequestBody, ResponseBody};
 use crate::config::HashSource;
+use crate::dispatch::{dispatch, Dispatched};
 use crate::engine::Engine;
 use crate::error::{ErrorKind, GatewayError};
 use crate::filters::via_value;
 use crate::framing::Ambiguity;
-use crate::h1client::ExchangeError;
 use crate::headers::{new_request_id, strip_hop_by_hop, X_REQUEST_ID};
 use crate::limiter::{check, check_cluster, real_client_ip, Limit, Who};
 use crate::phase::{PluginRun, RequestCtx};
 use crate::plugins::{BodyMode, HookMode, RequestDecision, RequestView, ResponseEdits};
-use crate::pool::SendError;
+use crate::quota::check_quotas;
 use crate::ratelimit::SharedTable;
 use crate::router::{RequestHead, Route};
 use crate::upstream::{InflightGuard, Upstream};
@@ -24,6 +24,7 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// The body a client gets; the guard frees the target's in-flight slot when it is done.
@@ -34,14 +35,30 @@ pub type ProxyBody = ResponseBody<InflightGuard>;
 pub struct Worker {
     pub engine: ArcSwap<Engine>,
     pub limits: SharedTable,
+    pub quotas: SharedTable,
+    /// The node's active health check results (see `probe.rs`); None: this worker probes
+    /// on its own.
+    pub health_board: Option<std::sync::Arc<crate::probe::HealthBoard>>,
 }
 
 impl Worker {
-    pub fn new(engine: Engine, limits: SharedTable) -> Self {
+    pub fn new(engine: Engine, limits: SharedTable, quotas: SharedTable) -> Self {
         Worker {
             engine: ArcSwap::from_pointee(engine),
             limits,
+            quotas,
+            health_board: None,
         }
+    }
+
+    pub fn with_health_board(mut self, board: Option<crate::probe::HealthBoard>) -> Self {
+        self.health_board = board.map(std::sync::Arc::new);
+        self
+    }
+
+    /// Start the active health checks of the current engine's targets (on the runtime).
+    pub fn start_probes(&self) {
+        self.engine.load().start_probes(self.health_board.as_ref());
     }
 }
 
@@ -71,7 +88,7 @@ pub async fn handle(
         credential: None,
         rate: None,
     };
-    let resp = match forward(&engine, &worker.limits, &mut ctx, req, ambiguity).await {
+    let resp = match forward(&engine, worker, &mut ctx, req, ambiguity).await {
         Ok(resp) => resp,
         Err(e) => error_response(e, &ctx.request_id),
     };
@@ -93,8 +110,8 @@ fn error_response(e: GatewayError, request_id: &HeaderValue) -> Response<ProxyBo
 }
 
 async fn forward(
-    engine: &Engine,
-    limits: &SharedTable,
+    engine: &Arc<Engine>,
+    tables: &Worker,
     ctx: &mut RequestCtx,
     req: Request<Incoming>,
     ambiguity: Option<Ambiguity>,
@@ -134,7 +151,12 @@ async fn forward(
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
     };
-    let upstream = &engine.upstreams[route.upstream];
+    // phase: route (which upstream: version rules, then the weighted split)
+    let chosen = match &route.split {
+        None => route.upstream,
+        Some(split) => split.choose(route.upstream, &parts.headers, ctx.client_ip.as_bytes()),
+    };
+    let upstream = &engine.upstreams[chosen];
     if let Some(spec) = &route.plugins {
         let host = engine.plugins.clone().ok_or_else(|| {
             GatewayError::new(
@@ -155,11 +177,13 @@ async fn forward(
     for f in &engine.filters {
         f.access(ctx, &parts)?;
     }
-    let limited = !engine.global_limits.is_empty() || !route.rate_limits.is_empty();
-    // Limits keyed by who the client is wait for the authentication plugins to say so.
-    let count_late = limited && all_limits(engine, &route).any(Limit::needs_consumer);
+    let limited =
+        !engine.global_limits.is_empty() || !route.rate_limits.is_empty() || !engine.plans.is_empty();
+    // Limits keyed by who the client is (and plans) wait for the authentication plugins.
+    let count_late =
+        limited && (!engine.plans.is_empty() || all_limits(engine, &route).any(Limit::needs_consumer));
     if limited && !count_late {
-        count_request(engine, limits, ctx, &route, &parts).await?;
+        count_request(engine, tables, ctx, &route, &parts).await?;
     }
     let mut client_body = match &ctx.plugins {
         Some(run) if run.spec.request_body => {
@@ -178,9 +202,6 @@ async fn forward(
     if let Some(mut run) = ctx.plugins.take() {
         let outcome = request_plugins(ctx, &mut run, &route, &mut parts, &mut client_body).await;
         ctx.plugins = Some(run);
-        if count_late && !matches!(outcome, Ok(PluginOutcome::Respond(_))) {
-            count_request(engine, limits, ctx, &route, &parts).await?;
-        }
         match outcome? {
             PluginOutcome::Respond(resp) => return Ok(*resp),
             PluginOutcome::Continue { path, query } => {
@@ -191,47 +212,77 @@ async fn forward(
             }
         }
     }
+    if count_late {
+        count_request(engine, tables, ctx, &route, &parts).await?;
+    }
 
-    // phase: upstream_request
-    let key = hash_key(upstream, &parts.headers, ctx);
-    let (target, guard) = upstream.pick(key.as_deref());
-    let pq = upstream_path_and_query(upstream, &parts.uri, upstream_path, query_override.as_deref())?;
-    // Origin-form: the pool already holds a connection to the target.
-    parts.uri = Uri::from(pq);
-    if !route.preserve_host {
-        parts.headers.insert(header::HOST, target.host_header.clone());
-    } else if let (false, Some(h)) = (parts.headers.contains_key(header::HOST), &ctx.host) {
-        // HTTP/2 clients send :authority instead of Host.
-        parts.headers.insert(header::HOST, h.clone());
+    // phase: upstream_request (the target's URI and Host are set per attempt, in dispatch)
+    if route.preserve_host && !parts.headers.contains_key(header::HOST) {
+        if let Some(h) = &ctx.host {
+            // HTTP/2 clients send :authority instead of Host.
+            parts.headers.insert(header::HOST, h.clone());
+        }
     }
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.insert(&X_REQUEST_ID, ctx.request_id.clone());
     for f in &engine.filters {
         f.upstream_request(ctx, &mut parts);
     }
-    if let Some(run) = ctx.plugins.as_mut() {
-        run.upstream = Some(target.address.clone());
-    }
     let client_version = parts.version;
     parts.version = Version::HTTP_11;
+    if let Some(mirror) = route.mirror.as_ref().filter(|m| m.sampled()) {
+        if let Some(bytes) =
+            mirrorable_body(&mut client_body, &parts.headers, mirror.max_body, upstream).await?
+        {
+            let path = upstream_path.clone();
+            mirror.spawn(
+                engine.clone(),
+                &parts,
+                bytes,
+                path,
+                query_override.as_deref(),
+                route.preserve_host,
+            );
+        }
+    }
     let mut body = match client_body {
         ClientBody::Stream(body, first) => RequestBody::new(body, first, engine.limits.max_body_bytes),
         ClientBody::Whole(bytes) => RequestBody::buffered(bytes),
     };
 
-    let send = target.pool.send(&parts, &mut body);
-    let resp = match tokio::time::timeout(upstream.read_timeout, send).await {
-        Ok(Ok(resp)) => resp,
-        Ok(Err(e)) => return Err(upstream_error(&e, &target.address)),
-        Err(_) => {
-            return Err(GatewayError::new(
-                ErrorKind::UpstreamTimeout,
+    // send: picks a target, retries and falls back as the upstream and route say
+    let query = query_override.as_deref();
+    // Adaptive concurrency: over the upstream's current limit, shed now rather than queue.
+    let permit = match &upstream.adaptive {
+        None => None,
+        Some(limit) => Some(limit.try_acquire().ok_or_else(|| {
+            GatewayError::new(
+                ErrorKind::Overloaded,
                 format!(
-                    "upstream {} sent no response within {:?}",
-                    target.address, upstream.read_timeout
+                    "upstream {} is at its concurrency limit ({}); try again shortly",
+                    upstream.name,
+                    limit.limit()
                 ),
-            ))
-        }
+            )
+        })?),
+    };
+    let dispatched = dispatch(
+        engine,
+        &route,
+        chosen,
+        ctx,
+        &mut parts,
+        &mut body,
+        upstream_path,
+        query,
+    )
+    .await;
+    if let Some(p) = permit {
+        p.done(dispatched.is_err());
+    }
+    let (resp, guard) = match dispatched? {
+        Dispatched::Upstream(resp, guard) => (resp, guard),
+        Dispatched::Respond(resp) => return Ok(resp),
     };
 
     // phase: response_headers
@@ -262,7 +313,7 @@ fn all_limits<'e>(engine: &'e Engine, route: &'e Route) -> impl Iterator<Item = 
 /// first, then (if those allow it) the cluster-wide ones.
 async fn count_request(
     engine: &Engine,
-    limits: &SharedTable,
+    tables: &Worker,
     ctx: &mut RequestCtx,
     route: &Route,
     parts: &request::Parts,
@@ -278,21 +329,61 @@ async fn count_request(
         credential: ctx.credential.as_deref(),
         headers: &parts.headers,
     };
-    let (mut info, verdict) = check(limits, all_limits(engine, route).filter(|l| !l.cluster), &who);
-    let verdict = match (verdict, &engine.cluster_limits) {
-        (Ok(()), Some(cluster)) if all_limits(engine, route).any(|l| l.cluster) => {
-            check_cluster(
-                cluster,
-                all_limits(engine, route).filter(|l| l.cluster),
-                &who,
-                &mut info,
-            )
-            .await
+    // The consumer's plan adds its own limits and quotas.
+    let plan = who.consumer.and_then(|c| engine.plans.get(c));
+    let plan_limits = plan.map_or(&[][..], |p| &p.limits[..]);
+    let every = || all_limits(engine, route).chain(plan_limits.iter());
+    let (mut info, mut verdict) = check(&tables.limits, every().filter(|l| !l.cluster), &who);
+    if verdict.is_ok() && every().any(|l| l.cluster) {
+        verdict = match &engine.cluster_limits {
+            Some(cluster) => check_cluster(cluster, every().filter(|l| l.cluster), &who, &mut info).await,
+            None => Ok(()),
+        };
+    }
+    if let (Ok(()), Some(plan), Some(consumer)) = (&verdict, plan, who.consumer) {
+        if !plan.quotas.is_empty() {
+            let cluster = engine.cluster_limits.as_deref();
+            verdict = check_quotas(&tables.quotas, cluster, &plan.quotas, consumer, &mut info).await;
         }
-        (v, _) => v,
-    };
+    }
     ctx.rate = info;
     verdict
+}
+
+/// The body to mirror: none, or small with a known length (read whole now, so that the
+/// upstream and the mirror get the same bytes); `None` when it cannot be mirrored.
+async fn mirrorable_body(
+    body: &mut ClientBody,
+    headers: &HeaderMap,
+    max: u64,
+    upstream: &Upstream,
+) -> Result<Option<Bytes>, GatewayError> {
+    match body {
+        ClientBody::Whole(b) => Ok((b.len() as u64 <= max).then(|| b.clone())),
+        ClientBody::Stream(incoming, None) => {
+            let declared = headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if incoming.is_end_stream() && !headers.contains_key(header::TRANSFER_ENCODING) {
+                return Ok(Some(Bytes::new()));
+            }
+            match declared {
+                Some(n) if n <= max => {
+                    let ClientBody::Stream(incoming, _) =
+                        std::mem::replace(body, ClientBody::Whole(Bytes::new()))
+                    else {
+                        unreachable!("matched above")
+                    };
+                    let bytes = read_whole_body(incoming, max, upstream).await?;
+                    *body = ClientBody::Whole(bytes.clone());
+                    Ok(Some(bytes))
+                }
+                _ => Ok(None),
+            }
+        }
+        ClientBody::Stream(_, Some(_)) => Ok(None),
+    }
 }
 
 /// The client's body as the upstream request will carry it.
@@ -538,7 +629,7 @@ fn host_of(parts: &request::Parts) -> Option<&str> {
     }
 }
 
-fn hash_key(upstream: &Upstream, headers: &HeaderMap, ctx: &RequestCtx) -> Option<Vec<u8>> {
+pub(crate) fn hash_key(upstream: &Upstream, headers: &HeaderMap, ctx: &RequestCtx) -> Option<Vec<u8>> {
     let (source, name) = upstream.hash_source()?;
     match source {
         HashSource::Ip => Some(ctx.client_ip.as_bytes().to_vec()),
@@ -559,7 +650,7 @@ fn hash_key(upstream: &Upstream, headers: &HeaderMap, ctx: &RequestCtx) -> Optio
     }
 }
 
-fn upstream_path_and_query(
+pub(crate) fn upstream_path_and_query(
     upstream: &Upstream,
     uri: &Uri,
     rewritten: Option<String>,
@@ -580,27 +671,4 @@ fn upstream_path_and_query(
     }
     PathAndQuery::try_from(s)
         .map_err(|e| GatewayError::new(ErrorKind::BadRequest, format!("invalid upstream path: {e}")))
-}
-
-fn upstream_error(e: &SendError, target: &str) -> GatewayError {
-    match e {
-        SendError::ConnectTimeout => GatewayError::new(
-            ErrorKind::UpstreamTimeout,
-            format!("connecting to upstream {target} timed out"),
-        ),
-        SendError::Connect(io) => GatewayError::new(
-            ErrorKind::UpstreamUnreachable,
-            format!("could not connect to upstream {target}: {io}"),
-        ),
-        SendError::Exchange(ExchangeError::Body(BodyError::TooLarge)) => {
-            GatewayError::new(ErrorKind::BodyTooLarge, "request body is above the limit")
-        }
-        SendError::Exchange(ExchangeError::Body(BodyError::Malformed(m))) => {
-            GatewayError::new(ErrorKind::BadRequest, format!("malformed request body: {m}"))
-        }
-        SendError::Exchange(e) => GatewayError::new(
-            ErrorKind::UpstreamUnreachable,
-            format!("lost the connection to upstream {target}: {e}"),
-        ),
-    }
 }

@@ -62,17 +62,18 @@ pub struct Verdict {
 }
 
 impl SharedTable {
-    /// Map `len_bytes` of the shared memory behind `fd` (a memfd the master created).
-    pub fn from_fd(fd: RawFd, len_bytes: usize) -> io::Result<SharedTable> {
-        Self::map(fd, len_bytes, libc::MAP_SHARED)
+    /// Map `len_bytes` at `offset` (page-aligned) of the shared memory behind `fd` (a memfd
+    /// the master created).
+    pub fn from_fd(fd: RawFd, len_bytes: usize, offset: usize) -> io::Result<SharedTable> {
+        Self::map(fd, len_bytes, offset, libc::MAP_SHARED)
     }
 
     /// A table private to this process's threads (tests, single-process use).
     pub fn anonymous(slots: usize) -> io::Result<SharedTable> {
-        Self::map(-1, slots * SLOT_BYTES, libc::MAP_SHARED | libc::MAP_ANONYMOUS)
+        Self::map(-1, slots * SLOT_BYTES, 0, libc::MAP_SHARED | libc::MAP_ANONYMOUS)
     }
 
-    fn map(fd: RawFd, len_bytes: usize, flags: i32) -> io::Result<SharedTable> {
+    fn map(fd: RawFd, len_bytes: usize, offset: usize, flags: i32) -> io::Result<SharedTable> {
         let slots = len_bytes / SLOT_BYTES;
         if slots < PROBE || !slots.is_power_of_two() {
             return Err(io::Error::new(
@@ -88,7 +89,7 @@ impl SharedTable {
                 libc::PROT_READ | libc::PROT_WRITE,
                 flags,
                 fd,
-                0,
+                offset as libc::off_t,
             )
         };
         if ptr == libc::MAP_FAILED {
@@ -111,8 +112,9 @@ impl SharedTable {
         unsafe { &*self.slots.add(i & self.mask) }
     }
 
-    /// The slot of `key`, claiming an empty or idle one if the key has none.
-    fn find(&self, key: u64, now: u64) -> Option<&Slot> {
+    /// The slot of `key`, claiming an empty one, or else one whose value `idle` says holds
+    /// nothing worth keeping, if the key has none.
+    fn find(&self, key: u64, idle: impl Fn(u64) -> bool) -> Option<&Slot> {
         let start = (key as usize).wrapping_mul(0x9E37_79B9) ^ (key >> 32) as usize;
         for i in 0..PROBE {
             let s = self.slot(start + i);
@@ -138,7 +140,7 @@ impl SharedTable {
             if k == key {
                 return Some(s);
             }
-            if s.tat.load(Ordering::Acquire) <= now
+            if idle(s.tat.load(Ordering::Acquire))
                 && s.key
                     .compare_exchange(k, key, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok()
@@ -155,7 +157,8 @@ impl SharedTable {
     pub fn check(&self, key: u64, now: u64, interval_ns: u64, burst: u64) -> Verdict {
         let key = key.max(1); // 0 marks an empty slot
         let tolerance = interval_ns.saturating_mul(burst);
-        let Some(slot) = self.find(key, now) else {
+        // A bucket that is full again (tat <= now) remembers nothing.
+        let Some(slot) = self.find(key, |tat| tat <= now) else {
             self.overflows.fetch_add(1, Ordering::Relaxed);
             return Verdict {
                 allowed: true,
@@ -190,6 +193,35 @@ impl SharedTable {
                     }
                 }
                 Err(current) => tat = current,
+            }
+        }
+    }
+}
+
+impl SharedTable {
+    /// Count one request for `key` in fixed window `window` (a day, a month) of at most
+    /// `limit` requests; returns whether it is allowed and the count after it. A slot
+    /// holds `window << 32 | count`; a slot of an older window holds nothing worth keeping.
+    pub fn count_window(&self, key: u64, window: u32, limit: u64) -> (bool, u64) {
+        let key = key.max(1);
+        let current = |v: u64| (v >> 32) as u32 == window;
+        let Some(slot) = self.find(key, |v| !current(v)) else {
+            self.overflows.fetch_add(1, Ordering::Relaxed);
+            return (true, 0);
+        };
+        let mut v = slot.tat.load(Ordering::Acquire);
+        loop {
+            let used = if current(v) { v & 0xffff_ffff } else { 0 };
+            if used >= limit {
+                return (false, used);
+            }
+            let next = (u64::from(window) << 32) | (used + 1).min(0xffff_ffff);
+            match slot
+                .tat
+                .compare_exchange_weak(v, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return (true, used + 1),
+                Err(now) => v = now,
             }
         }
     }
@@ -260,6 +292,15 @@ mod tests {
         assert!(t.check(999, later, SEC, 1).allowed);
         assert!(!t.check(999, later, SEC, 1).allowed);
         assert_eq!(t.overflows.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn window_counts_roll_over_with_the_window() {
+        let t = SharedTable::anonymous(64).unwrap();
+        assert_eq!(t.count_window(5, 100, 2), (true, 1));
+        assert_eq!(t.count_window(5, 100, 2), (true, 2));
+        assert_eq!(t.count_window(5, 100, 2), (false, 2));
+        assert_eq!(t.count_window(5, 101, 2), (true, 1));
     }
 
     #[test]

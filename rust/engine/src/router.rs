@@ -6,7 +6,9 @@
 
 use crate::config::{ConfigProblem, GatewayConfig, Predicate, RouteConfig};
 use crate::limiter::Limit;
+use crate::mirror::Mirror;
 use crate::plugins::ChainSpec;
+use crate::split::Split;
 #[cfg(test)]
 use http::HeaderValue;
 use http::{HeaderMap, HeaderName, Method};
@@ -53,6 +55,12 @@ pub struct Route {
     pub priority: i64,
     pub plugins: Option<ChainSpec>,
     pub rate_limits: Vec<Limit>,
+    /// Version rules and a weighted split between upstreams, when the route has them.
+    pub split: Option<Split>,
+    pub mirror: Option<Mirror>,
+    /// Overrides of the upstream's timeouts and retry policy.
+    pub timeouts: crate::upstream::RouteTimeoutSet,
+    pub retries: Option<Arc<crate::retry::RetryPolicy>>,
     methods: Vec<Method>,
     headers: Vec<(HeaderName, Matcher)>,
     query: Vec<(String, Matcher)>,
@@ -586,6 +594,24 @@ fn compile_route(
     }
     let query = compile_matchers("query", i, &rc.query, &mut problems);
     let rewrite = rc.rewrite.as_deref().map(|t| parse_rewrite(t, i, &mut problems));
+    let split = match Split::compile(
+        &format!("routes[{i}]"),
+        upstream,
+        &rc.versions,
+        rc.split.as_ref(),
+        upstream_index,
+    ) {
+        Ok(s) => s,
+        Err(mut p) => {
+            problems.append(&mut p);
+            None
+        }
+    };
+    let mirror = rc.mirror.as_ref().and_then(|m| {
+        Mirror::compile(&format!("routes[{i}]"), m, upstream_index)
+            .map_err(|p| problems.push(p))
+            .ok()
+    });
     let mut rate_limits = Vec::new();
     for (j, l) in rc.rate_limits.iter().enumerate() {
         match Limit::compile(l, &format!("routes[{i}].rate_limits[{j}]")) {
@@ -593,10 +619,26 @@ fn compile_route(
             Err(p) => problems.push(p),
         }
     }
+    let retries = match &rc.retries {
+        Some(r) => match crate::retry::RetryPolicy::compile(r, &format!("routes[{i}].retries")) {
+            Ok(p) => Some(Arc::new(p)),
+            Err(p) => {
+                problems.push(p);
+                None
+            }
+        },
+        None => None,
+    };
     if !problems.is_empty() {
         return Err(problems);
     }
     Ok(Route {
+        timeouts: rc
+            .timeouts
+            .as_ref()
+            .map(crate::upstream::RouteTimeoutSet::from_config)
+            .unwrap_or_default(),
+        retries,
         name,
         index: i,
         upstream,
@@ -605,6 +647,8 @@ fn compile_route(
         priority: rc.priority,
         plugins: rc.plugins.clone(),
         rate_limits,
+        split,
+        mirror,
         methods,
         headers,
         query,

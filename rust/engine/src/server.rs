@@ -67,6 +67,7 @@ async fn reload(worker: &Worker, path: &Path, worker_id: usize, applied: &mut St
             match tokio::task::spawn_blocking(move || build_engine(&job, Some(&previous), &loader)).await {
                 Ok(Ok(engine)) => {
                     worker.engine.store(Arc::new(engine));
+                    worker.start_probes();
                     *applied = text;
                     log_event("info", "config_applied", serde_json::json!({"worker": worker_id}));
                     Ok(())
@@ -137,17 +138,22 @@ impl Protocols {
     }
 }
 
-/// Slots of the rate limit table when the master did not hand one over (a lone worker).
+/// Slots of the rate limit and quota tables when the master did not hand them over (a lone
+/// worker).
 const PRIVATE_TABLE_SLOTS: usize = 1 << 16;
+const PRIVATE_QUOTA_SLOTS: usize = 1 << 14;
 
 /// Run a worker until SIGTERM. Blocks the calling thread. `limits` is the node's shared rate
-/// limit table (a memfd and its size) when the master made one.
+/// limit and quota tables (a memfd, the limit table's size, then the quota table's) when the
+/// master made them; `health` the node's board of active health check results (a memfd and
+/// its size).
 pub fn serve(
     fds: &[RawFd],
     config_path: &Path,
     worker_id: usize,
     loader: Loader,
-    limits: Option<(RawFd, usize)>,
+    limits: Option<(RawFd, usize, usize)>,
+    health: Option<(RawFd, usize)>,
 ) -> Result<(), String> {
     die_with_parent();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -158,12 +164,28 @@ pub fn serve(
         let mut applied = read_config(config_path)?;
         let engine = build_engine(&applied, None, &loader)?;
         let protocols = Arc::new(Protocols::new(&engine));
-        let table = match limits {
-            Some((fd, len)) => SharedTable::from_fd(fd, len),
-            None => SharedTable::anonymous(PRIVATE_TABLE_SLOTS),
-        }
-        .map_err(|e| format!("cannot map the rate limit table: {e}"))?;
-        let worker = Arc::new(Worker::new(engine, table));
+        let (table, quotas) = match limits {
+            Some((fd, len, quota_len)) => (
+                SharedTable::from_fd(fd, len, 0),
+                SharedTable::from_fd(fd, quota_len, len),
+            ),
+            None => (
+                SharedTable::anonymous(PRIVATE_TABLE_SLOTS),
+                SharedTable::anonymous(PRIVATE_QUOTA_SLOTS),
+            ),
+        };
+        let table = table.map_err(|e| format!("cannot map the rate limit table: {e}"))?;
+        let quotas = quotas.map_err(|e| format!("cannot map the quota table: {e}"))?;
+        // The node's health check board; without one, this worker probes on its own.
+        let board = match health {
+            Some((fd, len)) => Some(
+                crate::probe::HealthBoard::from_fd(fd, len)
+                    .map_err(|e| format!("cannot map the health check board: {e}"))?,
+            ),
+            None => None,
+        };
+        let worker = Arc::new(Worker::new(engine, table, quotas).with_health_board(board));
+        worker.start_probes();
         let graceful = Arc::new(GracefulShutdown::new());
         let (stopping, stopping_rx) = watch::channel(false);
         let mut accepting = Vec::new();

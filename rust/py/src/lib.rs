@@ -55,20 +55,22 @@ fn table_rows<'py>(py: Python<'py>, router: &Router) -> PyResult<Vec<Bound<'py, 
 ///
 /// `plugin_loader(config_json) -> Host | None` builds the plugin host of each config
 /// generation (`ferrogate.plugin_host.load`); without it, routes with plugins fail.
-/// `limits=(fd, size)` is the node's shared rate limit table (a memfd from the master);
-/// without it the worker counts alone.
+/// `limits=(fd, limit bytes, quota bytes)` is the node's shared rate limit and quota tables
+/// (a memfd from the master); without it the worker counts alone. `health=(fd, bytes)` is
+/// the node's board of active health check results; without it the worker probes alone.
 #[pyfunction]
-#[pyo3(signature = (listen_fds, config_path, worker_id, plugin_loader=None, limits=None))]
+#[pyo3(signature = (listen_fds, config_path, worker_id, plugin_loader=None, limits=None, health=None))]
 fn serve(
     py: Python<'_>,
     listen_fds: Vec<i32>,
     config_path: PathBuf,
     worker_id: usize,
     plugin_loader: Option<Py<PyAny>>,
-    limits: Option<(i32, usize)>,
+    limits: Option<(i32, usize, usize)>,
+    health: Option<(i32, usize)>,
 ) -> PyResult<()> {
     let loader = plugin_loader.map(|load| Arc::new(PyLoader { load }) as Arc<dyn HostLoader>);
-    py.detach(|| server::serve(&listen_fds, &config_path, worker_id, loader, limits))
+    py.detach(|| server::serve(&listen_fds, &config_path, worker_id, loader, limits, health))
         .map_err(PyRuntimeError::new_err)
 }
 
