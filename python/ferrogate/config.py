@@ -35,7 +35,12 @@ from ferrogate.resilience import (
 )
 from ferrogate.runtime_files import resolve_pid_file
 from ferrogate.structcheck import check_struct, did_you_mean, salvage
-from ferrogate.units import DURATION_PATTERN, SIZE_PATTERN, parse_duration, parse_size
+from ferrogate.units import (
+    Duration,
+    Size,
+    parse_duration,
+    parse_size,
+)
 from ferrogate.yaml_source import parse_source
 
 __all__ = [
@@ -69,15 +74,6 @@ __all__ = [
     "normalized_json",
 ]
 
-Duration = Annotated[
-    Annotated[float, Meta(ge=0)]
-    | Annotated[str, Meta(extra_json_schema={"pattern": DURATION_PATTERN})],
-    Meta(description="Seconds as a number, or a string with a unit: 250ms, 5s, 2m, 1h."),
-]
-Size = Annotated[
-    Annotated[int, Meta(ge=0)] | Annotated[str, Meta(extra_json_schema={"pattern": SIZE_PATTERN})],
-    Meta(description="Bytes as a number, or a string with a unit: 512KB, 16KiB, 10MiB, 1GiB."),
-]
 Address = Annotated[str, Meta(description="host:port; IPv6 hosts in brackets: [::1]:8080.")]
 
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")

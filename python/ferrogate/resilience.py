@@ -15,7 +15,7 @@ from msgspec import Meta
 
 from ferrogate.problems import DataPath
 from ferrogate.structcheck import did_you_mean
-from ferrogate.units import DURATION_PATTERN, SIZE_PATTERN
+from ferrogate.units import Duration, Size
 
 __all__ = [
     "ActiveHealthCheck",
@@ -31,15 +31,6 @@ __all__ = [
     "upstream_settings",
 ]
 
-Duration = Annotated[
-    Annotated[float, Meta(ge=0)]
-    | Annotated[str, Meta(extra_json_schema={"pattern": DURATION_PATTERN})],
-    Meta(description="Seconds as a number, or a string with a unit: 250ms, 5s, 2m, 1h."),
-]
-Size = Annotated[
-    Annotated[int, Meta(ge=0)] | Annotated[str, Meta(extra_json_schema={"pattern": SIZE_PATTERN})],
-    Meta(description="Bytes as a number, or a string with a unit: 512KB, 16KiB, 10MiB, 1GiB."),
-]
 STATUS_PATTERN = r"^\s*([1-5]xx|[1-5][0-9][0-9]\s*-\s*[1-5][0-9][0-9])\s*$"
 _STATUS = re.compile(STATUS_PATTERN)
 StatusCodes = Annotated[

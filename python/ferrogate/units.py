@@ -2,10 +2,24 @@
 
 import math
 import re
+from typing import Annotated
+
+from msgspec import Meta
 
 # Also published in the JSON Schema, hence ECMA-262-compatible syntax (no inline flags).
 DURATION_PATTERN = r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?\s*$"
 SIZE_PATTERN = r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMgG][iI]?[bB]|[bB])?\s*$"
+
+# The config schema's types for them (checked by msgspec, parsed by the functions below).
+Duration = Annotated[
+    Annotated[float, Meta(ge=0)]
+    | Annotated[str, Meta(extra_json_schema={"pattern": DURATION_PATTERN})],
+    Meta(description="Seconds as a number, or a string with a unit: 250ms, 5s, 2m, 1h."),
+]
+Size = Annotated[
+    Annotated[int, Meta(ge=0)] | Annotated[str, Meta(extra_json_schema={"pattern": SIZE_PATTERN})],
+    Meta(description="Bytes as a number, or a string with a unit: 512KB, 16KiB, 10MiB, 1GiB."),
+]
 
 _DURATION = re.compile(DURATION_PATTERN)
 _SIZE = re.compile(SIZE_PATTERN)

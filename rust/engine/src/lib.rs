@@ -29,6 +29,7 @@ pub mod ratelimit;
 pub mod retry;
 pub mod router;
 pub mod server;
+pub mod shm;
 pub mod split;
 pub mod upstream;
 

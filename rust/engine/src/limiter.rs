@@ -5,7 +5,8 @@
 use crate::cluster_limits::ClusterLimits;
 use crate::config::{ConfigProblem, KeySource, RateLimitConfig};
 use crate::error::{ErrorKind, GatewayError};
-use crate::ratelimit::{monotonic_ns, SharedTable};
+use crate::ratelimit::SharedTable;
+use crate::shm::monotonic_ns;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 use std::net::IpAddr;

@@ -19,6 +19,7 @@ use crate::config::ActiveHealthConfig;
 use crate::h1client::Conn;
 use crate::health::{StatusSet, TargetHealth};
 use crate::server::log_event;
+use crate::shm::{monotonic_ns, Mapping};
 use crate::upstream::secs;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Uri};
@@ -48,49 +49,30 @@ pub const SLOT_BYTES: usize = std::mem::size_of::<Slot>();
 
 /// The node's shared probe results.
 pub struct HealthBoard {
+    /// Keeps `slots` mapped.
+    _map: Mapping,
     slots: *const Slot,
     n: usize,
-    len_bytes: usize,
 }
 
 // SAFETY: every access to the mapped slots goes through atomics.
 unsafe impl Send for HealthBoard {}
 unsafe impl Sync for HealthBoard {}
 
-impl Drop for HealthBoard {
-    fn drop(&mut self) {
-        // SAFETY: the mapping was made by `map` with this length and is not used after drop.
-        unsafe {
-            libc::munmap(self.slots as *mut libc::c_void, self.len_bytes);
-        }
-    }
-}
-
-/// CLOCK_MONOTONIC in nanoseconds: the same clock in every process of the machine.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec we pass.
-    unsafe {
-        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
-    }
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 impl HealthBoard {
     /// Map `len_bytes` of the shared memory behind `fd` (a memfd the master created).
     pub fn from_fd(fd: RawFd, len_bytes: usize) -> io::Result<HealthBoard> {
-        Self::map(fd, len_bytes, libc::MAP_SHARED)
+        Self::check(len_bytes)?;
+        Self::over(Mapping::shared(fd, len_bytes, 0)?, len_bytes)
     }
 
     /// A board private to this process (a lone worker, tests).
     pub fn anonymous(slots: usize) -> io::Result<HealthBoard> {
-        Self::map(-1, slots * SLOT_BYTES, libc::MAP_SHARED | libc::MAP_ANONYMOUS)
+        Self::check(slots * SLOT_BYTES)?;
+        Self::over(Mapping::anonymous(slots * SLOT_BYTES)?, slots * SLOT_BYTES)
     }
 
-    fn map(fd: RawFd, len_bytes: usize, flags: i32) -> io::Result<HealthBoard> {
+    fn check(len_bytes: usize) -> io::Result<()> {
         let n = len_bytes / SLOT_BYTES;
         if n < PROBE {
             return Err(io::Error::new(
@@ -98,24 +80,14 @@ impl HealthBoard {
                 format!("the health board needs at least {PROBE} slots, got {n}"),
             ));
         }
-        // SAFETY: a fresh mapping; the kernel checks fd and length.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len_bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                fd,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        Ok(())
+    }
+
+    fn over(map: Mapping, len_bytes: usize) -> io::Result<HealthBoard> {
         Ok(HealthBoard {
-            slots: ptr as *const Slot,
-            n,
-            len_bytes,
+            slots: map.ptr() as *const Slot,
+            _map: map,
+            n: len_bytes / SLOT_BYTES,
         })
     }
 

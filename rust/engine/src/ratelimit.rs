@@ -12,6 +12,7 @@
 //! the table never needs a sweep; if every probed slot is busy the check fails open (and is
 //! counted), which only happens when far more keys are active than the table has slots.
 
+use crate::shm::Mapping;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,9 +30,10 @@ pub const SLOT_BYTES: usize = std::mem::size_of::<Slot>();
 
 /// The node-wide table of buckets.
 pub struct SharedTable {
+    /// Keeps `slots` mapped.
+    _map: Mapping,
     slots: *const Slot,
     mask: usize,
-    len_bytes: usize,
     /// Checks that found no slot and were allowed.
     pub overflows: AtomicU64,
 }
@@ -39,15 +41,6 @@ pub struct SharedTable {
 // SAFETY: every access to the mapped slots goes through atomics.
 unsafe impl Send for SharedTable {}
 unsafe impl Sync for SharedTable {}
-
-impl Drop for SharedTable {
-    fn drop(&mut self) {
-        // SAFETY: the mapping was made by `map` with this length and is not used after drop.
-        unsafe {
-            libc::munmap(self.slots as *mut libc::c_void, self.len_bytes);
-        }
-    }
-}
 
 /// The outcome of one check against one limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,15 +58,17 @@ impl SharedTable {
     /// Map `len_bytes` at `offset` (page-aligned) of the shared memory behind `fd` (a memfd
     /// the master created).
     pub fn from_fd(fd: RawFd, len_bytes: usize, offset: usize) -> io::Result<SharedTable> {
-        Self::map(fd, len_bytes, offset, libc::MAP_SHARED)
+        Self::valid(len_bytes)?;
+        Self::over(Mapping::shared(fd, len_bytes, offset)?, len_bytes)
     }
 
     /// A table private to this process's threads (tests, single-process use).
     pub fn anonymous(slots: usize) -> io::Result<SharedTable> {
-        Self::map(-1, slots * SLOT_BYTES, 0, libc::MAP_SHARED | libc::MAP_ANONYMOUS)
+        Self::valid(slots * SLOT_BYTES)?;
+        Self::over(Mapping::anonymous(slots * SLOT_BYTES)?, slots * SLOT_BYTES)
     }
 
-    fn map(fd: RawFd, len_bytes: usize, offset: usize, flags: i32) -> io::Result<SharedTable> {
+    fn valid(len_bytes: usize) -> io::Result<()> {
         let slots = len_bytes / SLOT_BYTES;
         if slots < PROBE || !slots.is_power_of_two() {
             return Err(io::Error::new(
@@ -81,24 +76,14 @@ impl SharedTable {
                 format!("the rate limit table needs a power-of-two number of slots >= {PROBE}, got {slots}"),
             ));
         }
-        // SAFETY: a fresh mapping of `len_bytes`; the kernel zero-fills it (empty slots).
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len_bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                fd,
-                offset as libc::off_t,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        Ok(())
+    }
+
+    fn over(map: Mapping, len_bytes: usize) -> io::Result<SharedTable> {
         Ok(SharedTable {
-            slots: ptr as *const Slot,
-            mask: slots - 1,
-            len_bytes,
+            slots: map.ptr() as *const Slot,
+            _map: map,
+            mask: len_bytes / SLOT_BYTES - 1,
             overflows: AtomicU64::new(0),
         })
     }
@@ -225,19 +210,6 @@ impl SharedTable {
             }
         }
     }
-}
-
-/// CLOCK_MONOTONIC in nanoseconds: the same clock in every process of the machine.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec we pass.
-    unsafe {
-        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
-    }
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 #[cfg(test)]
