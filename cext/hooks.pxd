@@ -9,12 +9,11 @@
 cimport cython
 
 
-cdef class Headers:
-    cdef public object _blob
+cdef class _Fields:
     cdef public list _items
     cdef public bint changed
 
-    @cython.locals(items=list, blob=bytes, line=str)
+    cpdef _key(self, name)
     cpdef list _fields(self)
     @cython.locals(field=list)
     cpdef get(self, name, default=*)
@@ -29,16 +28,15 @@ cdef class Headers:
     cpdef list keys(self)
 
 
-cdef class Params:
-    cdef public list _items
-    cdef public bint changed
+cdef class Headers(_Fields):
+    cdef public object _blob
 
-    cpdef get(self, name, default=*)
-    cpdef list getall(self, name)
-    cpdef add(self, name, value)
-    cpdef bint remove(self, name) except -1
-    cpdef bint rename(self, old, new) except -1
-    cpdef list items(self)
+    cpdef _key(self, name)
+    @cython.locals(items=list, blob=bytes, line=str)
+    cpdef list _fields(self)
+
+
+cdef class Params(_Fields):
     cpdef str encode(self)
 
 

@@ -49,44 +49,27 @@ def _text(value: object) -> str:
     )
 
 
-class Headers:
-    """HTTP header fields: a case-insensitive multi-dict that keeps order.
+class _Fields:
+    """An ordered multi-dict of text fields: ``f["x"]`` is the first value (KeyError when
+    absent), ``get``/``getall`` read, ``f["x"] = v`` replaces every value, ``add`` appends
+    one, ``del``/``remove`` drop all. Subclasses say how names compare (``_key``) and where
+    the fields come from (``_fields``)."""
 
-    ``headers["x"]`` is the first value (KeyError when absent), ``get``/``getall`` read,
-    ``headers["x"] = v`` replaces every value, ``add`` appends one, ``del``/``remove`` drop all.
-    Names are stored lower-case, as HTTP/2 sends them.
-    """
+    __slots__ = ("_items", "changed")
 
-    __slots__ = ("_blob", "_items", "changed")
+    _items: list[list[str]] | None
+    changed: bool
 
-    def __init__(
-        self, items: "Mapping[str, str] | Iterable[tuple[str, str]] | None" = None
-    ) -> None:
-        self._blob: bytes | None = None
-        self._items: list[list[str]] | None = []
-        self.changed = False
-        if items is not None:
-            pairs = items.items() if isinstance(items, Mapping) else items
-            for name, value in pairs:
-                self._items.append([name.lower(), _text(value)])
+    def _key(self, name: str) -> str:
+        return name
 
     def _fields(self) -> list[list[str]]:
-        items = self._items
-        if items is None:
-            items = []
-            blob = self._blob
-            if blob:
-                for line in blob.decode("latin-1").split("\n"):
-                    if line:
-                        name, _, value = line.partition(":")
-                        items.append([name, value])
-            self._items = items
-            self._blob = None
-        return items
+        assert self._items is not None
+        return self._items
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first value of ``name``, or ``default``."""
-        key = name.lower()
+        key = self._key(name)
         for field in self._fields():
             if field[0] == key:
                 return field[1]
@@ -94,7 +77,7 @@ class Headers:
 
     def getall(self, name: str) -> list[str]:
         """Every value of ``name``, in order."""
-        key = name.lower()
+        key = self._key(name)
         return [f[1] for f in self._fields() if f[0] == key]
 
     def __getitem__(self, name: str) -> str:
@@ -104,7 +87,7 @@ class Headers:
         return value
 
     def __setitem__(self, name: str, value: str) -> None:
-        key = name.lower()
+        key = self._key(name)
         fields = self._fields()
         fields[:] = [f for f in fields if f[0] != key]
         fields.append([key, _text(value)])
@@ -112,12 +95,12 @@ class Headers:
 
     def add(self, name: str, value: str) -> None:
         """Append one more value for ``name``."""
-        self._fields().append([name.lower(), _text(value)])
+        self._fields().append([self._key(name), _text(value)])
         self.changed = True
 
     def remove(self, name: str) -> bool:
         """Drop every value of ``name``; True if there was one."""
-        key = name.lower()
+        key = self._key(name)
         fields = self._fields()
         kept = [f for f in fields if f[0] != key]
         if len(kept) == len(fields):
@@ -132,7 +115,7 @@ class Headers:
 
     def rename(self, old: str, new: str) -> bool:
         """Give every ``old`` field the name ``new``, in place; True if there was one."""
-        src, dst = old.lower(), new.lower()
+        src, dst = self._key(old), self._key(new)
         found = False
         for field in self._fields():
             if field[0] == src:
@@ -162,78 +145,58 @@ class Headers:
         return len(self._fields())
 
     def __repr__(self) -> str:
-        return f"Headers({self.items()!r})"
+        return f"{type(self).__name__}({self.items()!r})"
 
 
-class Params:
-    """Query parameters: an ordered multi-dict (case-sensitive) over the raw query string."""
+class Headers(_Fields):
+    """HTTP header fields: a case-insensitive multi-dict that keeps order (see ``_Fields``).
+    Names are stored lower-case, as HTTP/2 sends them; fields that arrive from the data
+    plane are parsed only when a plugin first looks at them.
+    """
 
-    __slots__ = ("_items", "changed")
+    __slots__ = ("_blob",)
+
+    def __init__(
+        self, items: "Mapping[str, str] | Iterable[tuple[str, str]] | None" = None
+    ) -> None:
+        self._blob: bytes | None = None
+        self._items = []
+        self.changed = False
+        if items is not None:
+            pairs = items.items() if isinstance(items, Mapping) else items
+            for name, value in pairs:
+                self._items.append([name.lower(), _text(value)])
+
+    def _key(self, name: str) -> str:
+        return name.lower()
+
+    def _fields(self) -> list[list[str]]:
+        items = self._items
+        if items is None:
+            items = []
+            blob = self._blob
+            if blob:
+                for line in blob.decode("latin-1").split("\n"):
+                    if line:
+                        name, _, value = line.partition(":")
+                        items.append([name, value])
+            self._items = items
+            self._blob = None
+        return items
+
+
+class Params(_Fields):
+    """Query parameters: an ordered multi-dict (case-sensitive, see ``_Fields``) over the
+    raw query string."""
+
+    __slots__ = ()
 
     def __init__(self, query: str = "") -> None:
         self._items = [list(p) for p in parse_qsl(query, keep_blank_values=True)]
         self.changed = False
 
-    def get(self, name: str, default: str | None = None) -> str | None:
-        for field in self._items:
-            if field[0] == name:
-                return field[1]
-        return default
-
-    def getall(self, name: str) -> list[str]:
-        return [f[1] for f in self._items if f[0] == name]
-
-    def __getitem__(self, name: str) -> str:
-        value = self.get(name)
-        if value is None:
-            raise KeyError(name)
-        return value
-
-    def __setitem__(self, name: str, value: str) -> None:
-        self._items[:] = [f for f in self._items if f[0] != name]
-        self._items.append([name, _text(value)])
-        self.changed = True
-
-    def add(self, name: str, value: str) -> None:
-        self._items.append([name, _text(value)])
-        self.changed = True
-
-    def remove(self, name: str) -> bool:
-        kept = [f for f in self._items if f[0] != name]
-        if len(kept) == len(self._items):
-            return False
-        self._items[:] = kept
-        self.changed = True
-        return True
-
-    def __delitem__(self, name: str) -> None:
-        if not self.remove(name):
-            raise KeyError(name)
-
-    def rename(self, old: str, new: str) -> bool:
-        found = False
-        for field in self._items:
-            if field[0] == old:
-                field[0] = new
-                found = True
-        if found:
-            self.changed = True
-        return found
-
-    def __contains__(self, name: object) -> bool:
-        return any(f[0] == name for f in self._items)
-
-    def items(self) -> list[tuple[str, str]]:
-        return [(f[0], f[1]) for f in self._items]
-
-    def __len__(self) -> int:
-        return len(self._items)
-
     def encode(self) -> str:
         return urlencode(self.items(), quote_via=quote)
-
-    def __repr__(self) -> str:
-        return f"Params({self.items()!r})"
 
 
 class Request:
