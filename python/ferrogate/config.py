@@ -19,6 +19,15 @@ import msgspec
 from msgspec import Meta
 
 from ferrogate.addresses import join_host_port, looks_like_url, parse_upstream_url, split_host_port
+from ferrogate.observability import (
+    AccessLog,
+    Alerts,
+    Analytics,
+    Metrics,
+    Status,
+    Tracing,
+    observe_settings,
+)
 from ferrogate.plugin_config import Entry, chain_of, check_use
 from ferrogate.plugin_registry import Registry, discover
 from ferrogate.problems import ConfigError, DataPath, Problem, format_path
@@ -534,6 +543,25 @@ class Config(_Section, kw_only=True, frozen=True):
             "they are read again on reload."
         ),
     ] = None
+    status: Annotated[
+        Status | None,
+        Meta(description="The status listener (metrics, analytics API, dashboard); off."),
+    ] = None
+    access_log: Annotated[
+        AccessLog | None, Meta(description="JSON lines, one per request; off.")
+    ] = None
+    metrics: Annotated[
+        Metrics, Meta(description="Prometheus metrics (collected when `status` is set).")
+    ] = msgspec.field(default_factory=Metrics)
+    tracing: Annotated[
+        Tracing | None, Meta(description="W3C trace context and OTLP span export; off.")
+    ] = None
+    analytics: Annotated[
+        Analytics | None, Meta(description="The embedded analytics store; off.")
+    ] = None
+    alerts: Annotated[
+        Alerts | None, Meta(description="Anomaly alerts over the analytics; off.")
+    ] = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -624,6 +652,23 @@ class _Normalizer:
             out_routes.append(self.route(i, route, names, cfg.upstreams, out_upstreams, timeouts))
         if not cfg.routes:
             self.report(("routes",), "at least one route is needed")
+        observed = observe_settings(
+            self,
+            status=cfg.status,
+            access_log=cfg.access_log,
+            metrics=cfg.metrics,
+            tracing=cfg.tracing,
+            analytics=cfg.analytics,
+            alerts=cfg.alerts,
+            listen=listen,
+            address=lambda value, at: self.address(value, at, listen=True),
+        )
+        observe = observed["observe"]
+        # Files named in the config are relative to it; the workers get absolute paths.
+        if observe["access_log"] is not None and observe["access_log"]["path"] != "stdout":
+            observe["access_log"]["path"] = str(self.base_dir / observe["access_log"]["path"])
+        if observe["analytics"] is not None:
+            observe["analytics"]["path"] = str(self.base_dir / observe["analytics"]["path"])
         return {
             "listen": listen,
             "workers": cfg.workers if isinstance(cfg.workers, int) else os.cpu_count() or 1,
@@ -659,6 +704,8 @@ class _Normalizer:
                 name: {"plan": self.consumer_plan(name, c, cfg.plans)}
                 for name, c in cfg.consumers.items()
             },
+            "status": observed["status"],
+            "observe": observe,
         }
 
     def named_upstream(self, name: str, at: DataPath, upstreams: Mapping[str, Upstream]) -> None:

@@ -26,6 +26,7 @@ from urllib.parse import urlencode
 from ferrogate.config import ConfigError, LoadedConfig, load_config
 from ferrogate.events import emit
 from ferrogate.listeners import local_url, open_listener
+from ferrogate.observatory import Observatory
 from ferrogate.runtime_files import (
     plugin_stats_files,
     read_pid,
@@ -101,6 +102,9 @@ class Master:
         self.runtime = Path()
         self.status = Path()
         self.owns_files = False
+        self.observatory: Observatory | None = None
+        # pid -> worker id of retired workers (resized away) still draining
+        self._retired_ids: dict[int, int] = {}
 
     # --- signals -----------------------------------------------------------------------
 
@@ -111,7 +115,7 @@ class Master:
         wake_w.setblocking(False)
         self._wake_w = wake_w  # keep it open for as long as the handlers may write to it
         signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
         return wake_r
 
@@ -167,6 +171,17 @@ class Master:
                 )
                 return 1
             self._write_status(ok=True, problems=[])
+            self.observatory = Observatory(self.runtime, loaded.normalized)
+            try:
+                self.observatory.start()
+            except OSError as e:
+                status = loaded.normalized["status"] or {}
+                print(
+                    f"ferrogate: cannot serve the status listener on {status.get('listen')}: "
+                    f"{e.strerror or e}",
+                    file=sys.stderr,
+                )
+                return 1
             self._start_children(loaded)
             self._banner(loaded)
             emit(
@@ -183,6 +198,8 @@ class Master:
             return 0
         finally:
             self._kill_leftovers()
+            if self.observatory is not None:
+                self.observatory.stop()
             for sock in [*self.listeners, self.echo_socket]:
                 if sock is not None:
                     sock.close()
@@ -222,6 +239,8 @@ class Master:
             **normalized,
             "workers": self._worker_count(normalized),
             "generation": self.reloads,
+            # The workers never need the admin token; keep it out of the file.
+            "status": None,
         }
         self.grace_period = float(runtime["grace_period"])
         write_atomic(self.runtime, json.dumps(runtime, separators=(",", ":")))
@@ -288,7 +307,7 @@ class Master:
         # The child inherits a blocked SIGHUP through exec, so a reload that races with its
         # start cannot kill it before it has set up its own handling (see worker.py). Here
         # the block only defers a SIGHUP for the master by the duration of the spawn.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGUSR1})
         try:
             # Same process group on purpose: Ctrl-C and resource accounting cover everyone.
             slot.proc = subprocess.Popen(slot.argv, pass_fds=slot.fds, stdin=subprocess.DEVNULL)
@@ -346,6 +365,12 @@ class Master:
                     return
                 if sig == signal.SIGHUP:
                     self._reload()
+                if sig == signal.SIGUSR1:
+                    # logrotate moved the access log: every worker reopens it.
+                    emit("info", "logs_reopening")
+                    for slot in self.workers.values():
+                        if slot.proc is not None:
+                            self._signal(slot.proc, signal.SIGUSR1)
             now = time.monotonic()
             self._reap(now)
             next_due = now + _TICK
@@ -376,9 +401,13 @@ class Master:
                 **slot.extra,
             )
             slot.proc = None
+            if self.observatory is not None and slot is not self.echo:
+                self.observatory.worker_exited(int(slot.extra["worker_id"]))
         for proc in list(self.retiring):
             if proc.poll() is not None:
                 self.retiring.remove(proc)
+                if self.observatory is not None:
+                    self.observatory.worker_exited(self._retired_ids.pop(proc.pid, -1))
                 emit("info", "worker_retired", pid=proc.pid, **_exit_description(proc.returncode))
 
     def _signal(self, proc: subprocess.Popen[bytes], sig: int) -> None:
@@ -438,6 +467,8 @@ class Master:
             if slot.proc is not None:
                 self._signal(slot.proc, signal.SIGHUP)
         self._resize(self._worker_count(normalized))
+        if self.observatory is not None:
+            self.observatory.reconfigure(normalized)
         emit(
             "info",
             "config_reloaded",
@@ -460,6 +491,7 @@ class Master:
             if slot.proc is not None:
                 self._signal(slot.proc, signal.SIGTERM)
                 self.retiring.append(slot.proc)
+                self._retired_ids[slot.proc.pid] = worker_id
 
     # --- shutdown ----------------------------------------------------------------------
 

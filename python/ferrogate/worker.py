@@ -76,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     # The master starts us with SIGHUP blocked, since by default a reload SIGHUP would kill
     # a worker that is still starting. Ignored from here until the data plane installs its
     # handler, which then re-reads the config file once, so a reload in that gap still lands.
+    # SIGUSR1 (reopen the access log) is treated the same way.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP, signal.SIGUSR1})
     from ferrogate import _core
 
     try:

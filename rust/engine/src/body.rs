@@ -94,6 +94,11 @@ impl RequestBody {
         }
     }
 
+    /// Body bytes read from the client so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.seen
+    }
+
     /// Keep up to `cap` bytes of what is handed out from now on, for [`rewind`]. Only
     /// before anything was handed out.
     ///
@@ -268,9 +273,14 @@ impl Body for RequestBody {
 /// held until the body is done (it frees the target's in-flight slot). `Tapped` runs a
 /// plugin chain's body hooks on the way out and its log phase when done.
 pub enum ResponseBody<G> {
-    Upstream { inner: UpstreamBody, _guard: G },
+    Upstream {
+        inner: UpstreamBody,
+        _guard: G,
+    },
     Full(Option<Bytes>),
     Tapped(Box<(ResponseBody<G>, BodyTap)>),
+    /// Counted (and partly captured) for the request's record, finished at its end.
+    Observed(Box<(ResponseBody<G>, crate::observe::Finish)>),
 }
 
 /// The plugin side of a response body: chunk hooks (streamed mode), and the log record
@@ -380,6 +390,23 @@ impl<G: Unpin> Body for ResponseBody<G> {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
             ResponseBody::Upstream { inner, .. } => Pin::new(inner).poll_frame(cx),
+            ResponseBody::Observed(o) => {
+                let (inner, finish) = &mut **o;
+                let frame = ready!(Pin::new(&mut *inner).poll_frame(cx));
+                match &frame {
+                    Some(Ok(f)) => {
+                        if let Some(d) = f.data_ref() {
+                            finish.sent(d);
+                        }
+                        if inner.is_end_stream() {
+                            finish.done();
+                        }
+                    }
+                    None => finish.done(),
+                    Some(Err(_)) => {}
+                }
+                Poll::Ready(frame)
+            }
             ResponseBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ResponseBody::Tapped(t) => {
                 let (inner, tap) = &mut **t;
@@ -430,6 +457,7 @@ impl<G: Unpin> Body for ResponseBody<G> {
             ResponseBody::Full(b) => b.is_none(),
             // Chunk hooks may still have something to say at the end.
             ResponseBody::Tapped(t) => t.0.is_end_stream() && (!t.1.stream || t.1.last_seen),
+            ResponseBody::Observed(o) => o.0.is_end_stream(),
         }
     }
 
@@ -439,6 +467,7 @@ impl<G: Unpin> Body for ResponseBody<G> {
             ResponseBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             ResponseBody::Tapped(t) if t.1.stream => SizeHint::default(),
             ResponseBody::Tapped(t) => t.0.size_hint(),
+            ResponseBody::Observed(o) => o.0.size_hint(),
         }
     }
 }

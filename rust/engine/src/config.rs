@@ -32,6 +32,87 @@ pub struct GatewayConfig {
     pub plans: BTreeMap<String, PlanConfig>,
     #[serde(default)]
     pub consumers: BTreeMap<String, ConsumerConfig>,
+    /// Access log, metrics, tracing and analytics (`observe.rs`); all off by default.
+    #[serde(default)]
+    pub observe: ObserveConfig,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct ObserveConfig {
+    #[serde(default)]
+    pub access_log: Option<AccessLogConfig>,
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
+    #[serde(default)]
+    pub tracing: Option<TracingConfig>,
+    #[serde(default)]
+    pub analytics: Option<AnalyticsConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct AccessLogConfig {
+    /// "stdout" or an absolute file path.
+    pub path: String,
+    /// In the order they are written.
+    pub fields: Vec<String>,
+    pub sample: f64,
+    pub capture: CaptureConfig,
+}
+
+/// Header names to capture: none, all (`true`) or a list (lower case).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum HeaderSelection {
+    All(bool),
+    Names(Vec<String>),
+}
+
+impl Default for HeaderSelection {
+    fn default() -> Self {
+        HeaderSelection::All(false)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct CaptureConfig {
+    pub request_headers: HeaderSelection,
+    pub response_headers: HeaderSelection,
+    pub request_body: u64,
+    pub response_body: u64,
+    pub redact: Vec<String>,
+    pub redact_body_keys: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct MetricsConfig {
+    pub consumer_labels: bool,
+    pub max_consumers: usize,
+    /// Seconds, ascending.
+    pub latency_buckets: Vec<f64>,
+    pub publish_interval: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct TracingConfig {
+    pub endpoint: String,
+    pub sample: f64,
+    pub service_name: String,
+    pub batch_size: usize,
+    pub flush_interval: f64,
+    pub queue_size: usize,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct AnalyticsConfig {
+    /// The master's SQLite file; workers only hand it their buckets.
+    pub path: String,
+    /// Seconds per bucket.
+    pub resolution: f64,
+    pub retention: f64,
+    pub max_consumers: usize,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -173,6 +173,11 @@ pub async fn dispatch(
         body.rewind();
         attempt_start = Instant::now();
     };
+    ctx.upstream_target = Some(picked.target.label.clone());
+    ctx.tries = tried.len() as u32 + 1;
+    if result.is_ok() {
+        ctx.upstream_time = Some(started.elapsed());
+    }
     match result {
         Ok(resp) => Ok(Dispatched::Upstream(resp, picked.guard)),
         Err(e) => Err(send_error(

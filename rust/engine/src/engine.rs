@@ -34,6 +34,8 @@ pub struct Engine {
     pub plans: HashMap<String, Arc<Plan>>,
     pub grace_period: Duration,
     pub client_idle: Duration,
+    /// What the worker's observers are set to (`observe.rs`; they live in the worker).
+    pub observe: crate::config::ObserveConfig,
 }
 
 impl Engine {
@@ -178,6 +180,7 @@ impl Engine {
             plans,
             grace_period: secs(config.grace_period),
             client_idle: secs(config.timeouts.client_idle),
+            observe: config.observe.clone(),
         })
     }
 

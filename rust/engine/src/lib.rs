@@ -3,6 +3,8 @@
 //! A request flows through [`proxy::handle`] in the phases named in [`phase`]; the
 //! control plane (Python) hands each worker a normalized [`config::GatewayConfig`].
 
+pub mod access_log;
+pub mod analytics;
 pub mod balancer;
 pub mod body;
 pub mod cluster_limits;
@@ -18,7 +20,9 @@ pub mod h1client;
 pub mod headers;
 pub mod health;
 pub mod limiter;
+pub mod metrics;
 pub mod mirror;
+pub mod observe;
 pub mod phase;
 pub mod plugins;
 pub mod pool;
@@ -31,6 +35,7 @@ pub mod router;
 pub mod server;
 pub mod shm;
 pub mod split;
+pub mod trace;
 pub mod upstream;
 
 pub use engine::Engine;

@@ -42,6 +42,19 @@ pub struct RequestCtx {
     pub credential: Option<String>,
     /// The most restrictive rate limit's state, for the response headers.
     pub rate: Option<RateInfo>,
+    /// What the upstream phase did, for the observers: the target that answered, how long
+    /// its response head took, and how many attempts were made.
+    pub upstream_target: Option<Arc<str>>,
+    pub upstream_time: Option<std::time::Duration>,
+    pub tries: u32,
+    /// Request body bytes read from the client.
+    pub bytes_in: u64,
+    /// The request's trace context, when tracing is on (passed upstream).
+    pub trace: Option<crate::trace::TraceContext>,
+    /// The cache's verdict, when the route has a cache.
+    pub cache: Option<&'static str>,
+    /// The start of the request body, when the access log captures it.
+    pub captured_body: Option<bytes::Bytes>,
 }
 
 /// A request's run through its route's plugin chain.

@@ -10,6 +10,7 @@ use crate::filters::via_value;
 use crate::framing::Ambiguity;
 use crate::headers::{new_request_id, strip_hop_by_hop, X_REQUEST_ID};
 use crate::limiter::{check, check_cluster, real_client_ip, Limit, Who};
+use crate::observe::{Finish, ObserveEnv, Observer};
 use crate::phase::{PluginRun, RequestCtx};
 use crate::plugins::{BodyMode, HookMode, RequestDecision, RequestView, ResponseEdits};
 use crate::quota::check_quotas;
@@ -39,6 +40,9 @@ pub struct Worker {
     /// The node's active health check results (see `probe.rs`); None: this worker probes
     /// on its own.
     pub health_board: Option<std::sync::Arc<crate::probe::HealthBoard>>,
+    /// Access log, metrics, analytics, tracer: rebuilt with the engine's settings.
+    pub observer: ArcSwap<Observer>,
+    pub observe_env: ObserveEnv,
 }
 
 impl Worker {
@@ -48,7 +52,27 @@ impl Worker {
             limits,
             quotas,
             health_board: None,
+            observer: ArcSwap::from_pointee(Observer::default()),
+            observe_env: ObserveEnv {
+                worker_id: 0,
+                runtime_path: std::path::PathBuf::new(),
+            },
         }
+    }
+
+    pub fn with_observe_env(mut self, env: ObserveEnv) -> Self {
+        self.observe_env = env;
+        self
+    }
+
+    /// Make the observers match the current engine's settings (after start and reloads).
+    pub fn apply_observe(&self) -> Result<(), String> {
+        let engine = self.engine.load();
+        let current = self.observer.load();
+        let wanted = &engine.observe;
+        let observer = Observer::build(wanted, Some(&current), &self.observe_env)?;
+        self.observer.store(Arc::new(observer));
+        Ok(())
     }
 
     pub fn with_health_board(mut self, board: Option<crate::probe::HealthBoard>) -> Self {
@@ -72,6 +96,7 @@ pub async fn handle(
     ambiguity: Option<Ambiguity>,
 ) -> Response<ProxyBody> {
     let engine = worker.engine.load_full();
+    let observer = worker.observer.load_full();
     let request_id = match req.headers().get(&X_REQUEST_ID) {
         Some(v) if !v.is_empty() => v.clone(),
         _ => new_request_id(),
@@ -87,10 +112,24 @@ pub async fn handle(
         consumer: None,
         credential: None,
         rate: None,
+        upstream_target: None,
+        upstream_time: None,
+        tries: 0,
+        bytes_in: 0,
+        trace: None,
+        cache: None,
+        captured_body: None,
     };
+    let (head, body) = req.into_parts();
+    let record = observer.start(&head, &mut ctx);
+    let req = Request::from_parts(head, body);
+    let mut error = None;
     let resp = match forward(&engine, worker, &mut ctx, req, ambiguity).await {
         Ok(resp) => resp,
-        Err(e) => error_response(e, &ctx.request_id),
+        Err(e) => {
+            error = Some(e.kind.code());
+            error_response(e, &ctx.request_id)
+        }
     };
     let mut resp = match ctx.plugins.take() {
         None => resp,
@@ -100,7 +139,30 @@ pub async fn handle(
         let status = resp.status();
         rate.apply(resp.headers_mut(), status);
     }
-    resp
+    match record {
+        None => resp,
+        Some(mut record) => {
+            observer.fill(
+                &mut record,
+                &mut ctx,
+                resp.status().as_u16(),
+                resp.headers(),
+                error,
+            );
+            let capture_left = observer.response_capture_cap(&record);
+            let (parts, body) = resp.into_parts();
+            let mut finish = Finish {
+                observer,
+                record: Some(record),
+                capture_left,
+            };
+            if body.is_end_stream() {
+                // Nothing to send: hyper may never poll the body.
+                finish.done();
+            }
+            Response::from_parts(parts, ResponseBody::Observed(Box::new((body, finish))))
+        }
+    }
 }
 
 fn error_response(e: GatewayError, request_id: &HeaderValue) -> Response<ProxyBody> {
@@ -225,6 +287,9 @@ async fn forward(
     }
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.insert(&X_REQUEST_ID, ctx.request_id.clone());
+    if let Some(trace) = &ctx.trace {
+        trace.inject(&mut parts.headers);
+    }
     for f in &engine.filters {
         f.upstream_request(ctx, &mut parts);
     }
@@ -280,6 +345,7 @@ async fn forward(
     if let Some(p) = permit {
         p.done(dispatched.is_err());
     }
+    ctx.bytes_in = body.bytes_read();
     let (resp, guard) = match dispatched? {
         Dispatched::Upstream(resp, guard) => (resp, guard),
         Dispatched::Respond(resp) => return Ok(resp),

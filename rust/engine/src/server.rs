@@ -67,6 +67,13 @@ async fn reload(worker: &Worker, path: &Path, worker_id: usize, applied: &mut St
             match tokio::task::spawn_blocking(move || build_engine(&job, Some(&previous), &loader)).await {
                 Ok(Ok(engine)) => {
                     worker.engine.store(Arc::new(engine));
+                    if let Err(e) = worker.apply_observe() {
+                        log_event(
+                            "error",
+                            "observe_apply_failed",
+                            serde_json::json!({"worker": worker_id, "error": e}),
+                        );
+                    }
                     worker.start_probes();
                     *applied = text;
                     log_event("info", "config_applied", serde_json::json!({"worker": worker_id}));
@@ -184,7 +191,16 @@ pub fn serve(
             ),
             None => None,
         };
-        let worker = Arc::new(Worker::new(engine, table, quotas).with_health_board(board));
+        let env = crate::observe::ObserveEnv {
+            worker_id,
+            runtime_path: config_path.to_path_buf(),
+        };
+        let worker = Arc::new(
+            Worker::new(engine, table, quotas)
+                .with_health_board(board)
+                .with_observe_env(env),
+        );
+        worker.apply_observe()?;
         worker.start_probes();
         let graceful = Arc::new(GracefulShutdown::new());
         let (stopping, stopping_rx) = watch::channel(false);

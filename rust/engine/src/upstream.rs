@@ -20,6 +20,8 @@ pub struct TargetStats {
 
 pub struct Target {
     pub address: String,
+    /// The address again, shared cheaply with the records of the requests it serves.
+    pub label: Arc<str>,
     /// `host:port`, the Host header when a route does not preserve the client's.
     pub host_header: http::HeaderValue,
     pub weight: u32,
@@ -178,6 +180,7 @@ impl Upstream {
             match t.address.parse::<Authority>() {
                 Ok(a) if a.port_u16().is_some() => targets.push(Target {
                     address: t.address.clone(),
+                    label: Arc::from(t.address.as_str()),
                     host_header: http::HeaderValue::from_str(a.as_str())
                         .expect("an authority is a valid header value"),
                     weight: t.weight.max(1),
