@@ -1,0 +1,132 @@
+# lib.sh - what the bench scripts share: pinned services in their own process groups, wrk
+# runs with the CPU time of a service measured from /proc, and cleanup at exit.
+#
+# The sourcing script sets WORK (its scratch directory), PROXY_CPU, LOAD_CPU and CONNS before
+# calling anything here, and `STARTED=1` once WORK is its own. WRK_ARGS holds extra wrk
+# arguments (headers).
+# shellcheck shell=bash
+
+WRK_ARGS=()
+
+log() { printf '[%3ds] %s\n' "$SECONDS" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+declare -A PGID=()   # service -> its process group (started with setsid)
+WRK_PID=
+STARTED=             # set once WORK belongs to this run
+
+# shellcheck disable=SC2317  # called through trap
+cleanup() {
+    local rc=$? pid _
+    trap - EXIT INT TERM
+    trap '' PIPE
+    if [ -n "$WRK_PID" ]; then kill -TERM "$WRK_PID" 2>/dev/null || true; fi
+    for pid in "${PGID[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
+    for pid in "${PGID[@]}"; do
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL -- "-$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    if [ "${#PGID[@]}" -gt 0 ]; then log "stopped ${#PGID[@]} services (process groups ${PGID[*]})"; fi
+    if [ "$rc" != 0 ] && [ -n "$STARTED" ]; then log "logs in $WORK"; fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# start NAME CPU CMD...: run CMD pinned to CPU, in its own process group
+start() {
+    local name=$1 cpu=$2; shift 2
+    setsid taskset -c "$cpu" "$@" >"$WORK/$name.log" 2>&1 &
+    PGID[$name]=$!
+    log "started $name (pid $!, cpu $cpu)"
+}
+
+wait_http() {  # URL: wait up to 20 s for a 200
+    local _
+    for _ in $(seq 200); do
+        curl -fsS -o /dev/null --max-time 1 "$1" 2>/dev/null && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+check_alive() {
+    local name
+    for name in "${!PGID[@]}"; do
+        kill -0 "${PGID[$name]}" 2>/dev/null || die "$name exited; see $WORK/$name.log"
+    done
+}
+
+# "busy steal total" jiffies of a CPU list (1, 0-2 or 0,2), from /proc/stat
+cpu_sample() {
+    awk -v list="$1" 'BEGIN {
+            n = split(list, part, ",")
+            for (i = 1; i <= n; i++)
+                if (split(part[i], r, "-") == 2) { for (c = r[1]; c <= r[2]; c++) want["cpu" c] = 1 }
+                else want["cpu" part[i]] = 1 }
+        $1 in want { b += $2+$3+$4+$7+$8; s += $9; t += $2+$3+$4+$5+$6+$7+$8+$9 }
+        END { print b + 0, s + 0, t + 0 }' /proc/stat
+}
+
+# utime + stime jiffies of every process in service $1's process group (all threads included)
+service_jiffies() {
+    local p t=0
+    for p in $(pgrep -g "${PGID[$1]}"); do
+        t=$((t + $(awk '{sub(/.*\) /, ""); print $12 + $13}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+    done
+    echo "$t"
+}
+
+# wrk_run LABEL SERVICE URL SECONDS: wrk (with WRK_ARGS) against URL, CPU of SERVICE's
+# process group; sets LAST to
+#   "rps p50_us p99_us errors gw% load% cpu_us_per_req steal% proxycore% requests"
+# Runs in this shell (not inside $(...)) so that cleanup can always stop wrk.
+LAST=
+wrk_run() {
+    local label=$1 svc=$2 url=$3 secs=$4 out s0 s1 p0 p1 a0 a1
+    out=$WORK/wrk-$label.txt
+    check_alive
+    s0=$(service_jiffies "$svc")
+    p0=$(cpu_sample "$PROXY_CPU"); a0=$(cpu_sample "$LOAD_CPU")
+    timeout $((secs + 20)) taskset -c "$LOAD_CPU" \
+        wrk -t1 -c"$CONNS" -d"${secs}s" --timeout 5s --latency -s "$WORK/report.lua" \
+        "${WRK_ARGS[@]}" "$url" >"$out" 2>&1 &
+    WRK_PID=$!
+    wait "$WRK_PID" || true
+    WRK_PID=
+    s1=$(service_jiffies "$svc")
+    p1=$(cpu_sample "$PROXY_CPU"); a1=$(cpu_sample "$LOAD_CPU")
+    grep -q '^RESULT' "$out" || die "wrk produced no result for $label; see $out"
+    LAST=$(awk -v s="$((s1 - s0))" -v p0="$p0" -v p1="$p1" -v a0="$a0" -v a1="$a1" '
+        BEGIN { split(p0, P0, " "); split(p1, P1, " "); split(a0, A0, " "); split(a1, A1, " ") }
+        /^RESULT/ {
+            for (i = 2; i <= NF; i++) { split($i, kv, "="); r[kv[1]] = kv[2] }
+            secs = r["duration_us"] / 1e6
+            ptot = P1[3] - P0[3]; atot = A1[3] - A0[3]
+            pcore = 100 * (P1[1] - P0[1]) / ptot; load = 100 * (A1[1] - A0[1]) / atot
+            steal = 100 * ((P1[2] - P0[2]) + (A1[2] - A0[2])) / (ptot + atot)
+            us_req = r["requests"] > 0 ? s * 10000 / r["requests"] : 0   # 1 jiffy = 10000 us
+            printf "%.0f %d %d %d %.0f %.0f %.2f %.1f %.0f %d\n", r["requests"] / secs, r["p50_us"],
+                r["p99_us"], r["socket_errors"] + r["non2xx"], s / secs, load, us_req, steal, pcore,
+                r["requests"]
+        }' "$out")
+}
+
+median() { sort -g | awk '{v[NR] = $1} END {if (NR == 0) print 0; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+
+
+# write_report_lua: the wrk script whose summary line wrk_run parses
+write_report_lua() {
+    cat >"$WORK/report.lua" <<'LUA'
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "RESULT requests=%d duration_us=%d p50_us=%d p99_us=%d socket_errors=%d non2xx=%d\n",
+    summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99),
+    e.connect + e.read + e.write + e.timeout, e.status))
+end
+LUA
+}
