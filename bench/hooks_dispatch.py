@@ -31,7 +31,7 @@ from typing import Any
 
 REQUEST_HEADERS = b"host:x\naccept:*/*\nuser-agent:curl\n"
 RESPONSE_HEADERS = b"content-type:text/plain\ncontent-length:5\n"
-META = ("req-1", "127.0.0.1", "r", "x", "http", "HTTP/1.1")
+META = ("req-1", "127.0.0.1", "r", "x", "http", "HTTP/1.1", None)
 CHUNK = b"x" * 1024
 
 

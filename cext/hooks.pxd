@@ -57,6 +57,7 @@ cdef class Request:
     cdef public object host
     cdef public object scheme
     cdef public object http_version
+    cdef public object _span
     cdef public object consumer
     cdef public object credential
     cdef public object ctx
@@ -136,15 +137,15 @@ cdef class Host:
     cpdef response_chunk(self, Py_ssize_t chain, Request req, chunk, last)
 
 
-@cython.locals(slot=Slot, start=cython.longlong)
+@cython.locals(slot=Slot, start=cython.longlong, traced=bint, wall=cython.longlong)
 cpdef tuple run_request(Chain chain, Request req)
 
 cpdef tuple _early(Slot slot, answer)
 
-@cython.locals(slot=Slot, start=cython.longlong)
+@cython.locals(slot=Slot, start=cython.longlong, traced=bint, wall=cython.longlong)
 cpdef tuple run_response(Chain chain, Request req, Response resp)
 
-@cython.locals(slot=Slot, start=cython.longlong)
+@cython.locals(slot=Slot, start=cython.longlong, traced=bint, wall=cython.longlong)
 cpdef run_body(Chain chain, Request req, Response resp, body)
 
 @cython.locals(slot=Slot, start=cython.longlong)

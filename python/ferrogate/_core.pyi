@@ -7,7 +7,7 @@ sizes as integer bytes, hash_on as an object.
 
 from collections.abc import Callable
 
-__all__ = ["__version__", "check_config", "route_table", "serve", "serve_echo"]
+__all__ = ["__version__", "check_config", "record_span", "route_table", "serve", "serve_echo"]
 __version__: str
 
 def check_config(config_json: str) -> list[tuple[str, str]]:
@@ -53,4 +53,21 @@ def serve_echo(listen_fd: int) -> None:
 
     Every request gets a 200 JSON answer describing it: method, path, query, headers
     (lower-case names, list of values), body length and body (as text, truncated to 64 KiB).
+    """
+
+def record_span(
+    trace_id: str,
+    parent_span_id: str,
+    name: str,
+    start_ns: int,
+    end_ns: int,
+    attributes: dict[str, str | int | float | bool],
+    error: str | None = None,
+) -> bool:
+    """Queue a finished span of a sampled trace with this worker's tracer.
+
+    ``trace_id`` (32) and ``parent_span_id`` (16) are lower-case hex; times are Unix
+    nanoseconds; ``error`` marks the span failed. The plugin dispatcher calls it for each hook
+    run of a sampled request. Returns False when tracing is off in this process or its export
+    queue is full (the span is dropped and counted).
     """

@@ -1,4 +1,4 @@
-"""The ``ferrogate`` command: run, check, routes, plugins, schema, reload."""
+"""The ``ferrogate`` command: run, check, routes, plugins, schema, reload, stats."""
 
 import argparse
 import contextlib
@@ -342,6 +342,12 @@ def _cmd_reload(args: argparse.Namespace) -> int:
     return 1
 
 
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from ferrogate.analytics_cli import run_stats
+
+    return run_stats(args)
+
+
 # --- argument parsing -----------------------------------------------------------------------
 
 
@@ -398,6 +404,30 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("-c", "--config", metavar="FILE", help="the config the master runs")
     which.add_argument("--pid-file", metavar="P", help="the master's pid file")
     reload.set_defaults(handler=_cmd_reload)
+
+    stats = commands.add_parser(
+        "stats", help="traffic, errors and latency of a running gateway (its analytics)"
+    )
+    stats.add_argument("-c", "--config", metavar="FILE", help="the config the gateway runs")
+    stats.add_argument(
+        "--since", default="1h", metavar="D", help="how far back: 15m, 1h, 7d (default 1h)"
+    )
+    stats.add_argument(
+        "--by",
+        choices=("route", "consumer", "upstream"),
+        default="route",
+        help="what the top table groups by (default route)",
+    )
+    stats.add_argument(
+        "--limit", type=_positive_int, default=10, metavar="N", help="rows of the top table"
+    )
+    stats.add_argument("--json", action="store_true", help="the API's answers as JSON")
+    stats.add_argument("--url", help="the status listener, e.g. http://127.0.0.1:9901")
+    stats.add_argument(
+        "--token", help="the admin token (else $FERROGATE_ADMIN_TOKEN, else the config's)"
+    )
+    stats.add_argument("--timeout", type=float, default=10.0, metavar="S", help=argparse.SUPPRESS)
+    stats.set_defaults(handler=_cmd_stats)
     return parser
 
 

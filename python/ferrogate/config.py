@@ -26,6 +26,7 @@ from ferrogate.observability import (
     Metrics,
     Status,
     Tracing,
+    log_file_problem,
     observe_settings,
 )
 from ferrogate.plugin_config import Entry, chain_of, check_use
@@ -667,6 +668,9 @@ class _Normalizer:
         # Files named in the config are relative to it; the workers get absolute paths.
         if observe["access_log"] is not None and observe["access_log"]["path"] != "stdout":
             observe["access_log"]["path"] = str(self.base_dir / observe["access_log"]["path"])
+            problem = log_file_problem(Path(observe["access_log"]["path"]))
+            if problem is not None:
+                self.report(("access_log", "path"), problem)
         if observe["analytics"] is not None:
             observe["analytics"]["path"] = str(self.base_dir / observe["analytics"]["path"])
         return {

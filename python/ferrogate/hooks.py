@@ -14,6 +14,11 @@ Wire formats at the boundary:
   unchanged or unset), ``(1, status, headers, body)`` to answer early, or
   ``(2, message)`` when a plugin failed;
 - response decision: ``None`` or ``(status, headers)``.
+
+The request's ``meta`` is ``(request_id, client_ip, route, host, scheme, http_version, span)``
+where ``span`` is ``(trace_id, server_span_id)`` (hex) when the request's trace is sampled, else
+None. For such a request each plugin hook run becomes a span, handed to
+``ferrogate._core.record_span``; other requests pay one test per hook.
 """
 
 import json
@@ -36,6 +41,10 @@ __all__ = [
 ]
 
 _perf_ns = time.perf_counter_ns
+_time_ns = time.time_ns
+
+Meta = tuple[str, str, str, str, str, str, "tuple[str, str] | None"]
+"""What the data plane tells about a request besides its head (see the module doc)."""
 
 
 def _text(value: object) -> str:
@@ -218,6 +227,7 @@ class Request:
         "_orig_path",
         "_orig_query",
         "_params",
+        "_span",
         "client_ip",
         "consumer",
         "credential",
@@ -264,6 +274,7 @@ class Request:
         self.host = host
         self.scheme = scheme
         self.http_version = http_version
+        self._span: tuple[str, str] | None = None
         self.consumer: str | None = None
         self.credential: str | None = None
         self.ctx: dict[str, Any] = {}
@@ -568,14 +579,22 @@ class Chain:
 def run_request(chain: Chain, req: Request) -> tuple[Any, ...] | None:
     """Run the ``on_request`` hooks of ``chain`` (sync ones only)."""
     rid = req.request_id
+    traced = req._span is not None
+    wall = 0
     for slot in chain.request:
         start = _perf_ns()
         if slot.bypassed_until > start:
             continue
+        if traced:
+            wall = _time_ns()
         try:
             answer = slot.on_request(req)
         except BaseException as e:
+            if traced:
+                _hook_span(req, slot, "on_request", wall, e)
             raise slot.failed("on_request", rid, e) from None
+        if traced:
+            _hook_span(req, slot, "on_request", wall, None)
         slot.account("on_request", rid, start, _perf_ns())
         if answer is not None:
             return _early(slot, answer)
@@ -587,26 +606,64 @@ async def run_request_async(chain: Chain, req: Request) -> tuple[Any, ...] | Non
     import asyncio
 
     rid = req.request_id
+    traced = req._span is not None
+    wall = 0
     for slot in chain.request:
         start = _perf_ns()
         if slot.bypassed_until > start:
             continue
+        if traced:
+            wall = _time_ns()
         try:
             answer = slot.on_request(req)
             if asyncio.iscoroutine(answer):
                 answer = await asyncio.wait_for(answer, slot.timeout)
         except TimeoutError:
+            if traced:
+                _hook_span(req, slot, "on_request", wall, f"timed out after {slot.timeout}s")
             slot.stats["on_request"].errors += 1
             log_event(
                 "error", "plugin_timeout", plugin=slot.name, phase="on_request", request_id=rid
             )
             raise PluginError(slot.name, "on_request", f"timed out after {slot.timeout}s") from None
         except BaseException as e:
+            if traced:
+                _hook_span(req, slot, "on_request", wall, e)
             raise slot.failed("on_request", rid, e) from None
+        if traced:
+            _hook_span(req, slot, "on_request", wall, None)
         slot.account("on_request", rid, start, _perf_ns())
         if answer is not None:
             return _early(slot, answer)
     return req._decision()
+
+
+def _hook_span(
+    req: Request, slot: Slot, phase: str, start_ns: int, error: BaseException | str | None
+) -> None:
+    """One hook run of a sampled request, as a span under the request's server span.
+
+    Streamed body chunks and ``on_log`` get none: a span per chunk would flood the
+    collector, and the log phase runs after the request's span has ended.
+    """
+    from ferrogate._core import record_span
+
+    span = req._span
+    if span is None:
+        return
+    if error is not None and not isinstance(error, str):
+        error = f"{type(error).__name__}: {error}"
+    attributes: dict[str, str | int | float | bool] = {
+        "ferrogate.plugin": slot.name,
+        "ferrogate.phase": phase,
+        "ferrogate.route": req.route,
+    }
+    try:
+        record_span(
+            span[0], span[1], f"plugin {slot.name} {phase}", start_ns, _time_ns(), attributes, error
+        )
+    except Exception as e:  # tracing must never fail a request
+        log_event("error", "plugin_span_failed", plugin=slot.name, error=repr(e))
 
 
 def _early(slot: Slot, answer: Any) -> tuple[Any, ...]:
@@ -621,14 +678,22 @@ def _early(slot: Slot, answer: Any) -> tuple[Any, ...]:
 
 def run_response(chain: Chain, req: Request, resp: Response) -> tuple[Any, ...] | None:
     rid = req.request_id
+    traced = req._span is not None
+    wall = 0
     for slot in chain.response:
         start = _perf_ns()
         if slot.bypassed_until > start:
             continue
+        if traced:
+            wall = _time_ns()
         try:
             slot.on_response(req, resp)
         except BaseException as e:
+            if traced:
+                _hook_span(req, slot, "on_response", wall, e)
             raise slot.failed("on_response", rid, e) from None
+        if traced:
+            _hook_span(req, slot, "on_response", wall, None)
         slot.account("on_response", rid, start, _perf_ns())
     return resp._decision()
 
@@ -637,15 +702,21 @@ async def run_response_async(chain: Chain, req: Request, resp: Response) -> tupl
     import asyncio
 
     rid = req.request_id
+    traced = req._span is not None
+    wall = 0
     for slot in chain.response:
         start = _perf_ns()
         if slot.bypassed_until > start:
             continue
+        if traced:
+            wall = _time_ns()
         try:
             result = slot.on_response(req, resp)
             if asyncio.iscoroutine(result):
                 await asyncio.wait_for(result, slot.timeout)
         except TimeoutError:
+            if traced:
+                _hook_span(req, slot, "on_response", wall, f"timed out after {slot.timeout}s")
             slot.stats["on_response"].errors += 1
             log_event(
                 "error", "plugin_timeout", plugin=slot.name, phase="on_response", request_id=rid
@@ -654,7 +725,11 @@ async def run_response_async(chain: Chain, req: Request, resp: Response) -> tupl
                 slot.name, "on_response", f"timed out after {slot.timeout}s"
             ) from None
         except BaseException as e:
+            if traced:
+                _hook_span(req, slot, "on_response", wall, e)
             raise slot.failed("on_response", rid, e) from None
+        if traced:
+            _hook_span(req, slot, "on_response", wall, None)
         slot.account("on_response", rid, start, _perf_ns())
     return resp._decision()
 
@@ -663,17 +738,25 @@ def run_body(chain: Chain, req: Request, resp: Response, body: bytes) -> bytes:
     """Buffered mode: every body hook sees the whole body; chunk hooks get it as one chunk."""
     rid = req.request_id
     resp.body = body
+    traced = req._span is not None
+    wall = 0
     for slot in chain.body:
         start = _perf_ns()
         if slot.bypassed_until > start:
             continue
+        if traced:
+            wall = _time_ns()
         try:
             if slot.on_response_body is not None:
                 out = slot.on_response_body(req, resp, resp.body)
             else:
                 out = slot.on_response_chunk(req, resp, resp.body, True)
         except BaseException as e:
+            if traced:
+                _hook_span(req, slot, "on_response_body", wall, e)
             raise slot.failed("on_response_body", rid, e) from None
+        if traced:
+            _hook_span(req, slot, "on_response_body", wall, None)
         slot.account("on_response_body", rid, start, _perf_ns())
         if out is not None:
             resp.body = out.encode() if isinstance(out, str) else bytes(out)
@@ -760,7 +843,7 @@ class Host:
         query: str,
         headers: bytes,
         body: bytes | None,
-        meta: tuple[str, str, str, str, str, str],
+        meta: Meta,
     ) -> tuple[Request, tuple[Any, ...] | None]:
         req = _new_request(self.chains[chain], method, path, query, headers, body, meta)
         try:
@@ -777,7 +860,7 @@ class Host:
         query: str,
         headers: bytes,
         body: bytes | None,
-        meta: tuple[str, str, str, str, str, str],
+        meta: Meta,
         done: Any,
     ) -> Request:
         """Start the chain on the hook loop; ``done(decision, error)`` is called once."""
@@ -877,7 +960,7 @@ def _new_request(
     query: str,
     headers: bytes,
     body: bytes | None,
-    meta: tuple[str, str, str, str, str, str],
+    meta: Meta,
 ) -> Request:
     req = Request.__new__(Request)
     req.method = req._orig_method = method
@@ -887,7 +970,15 @@ def _new_request(
     req._params = None
     req._body = body
     req._body_set = False
-    req.request_id, req.client_ip, req.route, req.host, req.scheme, req.http_version = meta
+    (
+        req.request_id,
+        req.client_ip,
+        req.route,
+        req.host,
+        req.scheme,
+        req.http_version,
+        req._span,
+    ) = meta
     req.consumer = None
     req.credential = None
     req.ctx = {}

@@ -28,6 +28,7 @@ from ferrogate.events import emit
 from ferrogate.listeners import local_url, open_listener
 from ferrogate.observatory import Observatory
 from ferrogate.runtime_files import (
+    metrics_snapshot_files,
     plugin_stats_files,
     read_pid,
     remove_quietly,
@@ -160,8 +161,11 @@ class Master:
                 return 1
             try:
                 self.owns_files = True
-                # Timings left by the workers of an earlier run are not ours to show.
-                remove_quietly(*plugin_stats_files(self.pid_file))
+                # Timings and counts left by the workers of an earlier run are not ours.
+                remove_quietly(
+                    *plugin_stats_files(self.pid_file),
+                    *metrics_snapshot_files(runtime_file(self.pid_file)),
+                )
                 self._write_runtime(loaded.normalized)
                 write_atomic(self.pid_file, f"{os.getpid()}\n")
             except OSError as e:
@@ -205,7 +209,11 @@ class Master:
                     sock.close()
             if self.owns_files and read_pid(self.pid_file) in (os.getpid(), None):
                 remove_quietly(
-                    self.pid_file, self.runtime, self.status, *plugin_stats_files(self.pid_file)
+                    self.pid_file,
+                    self.runtime,
+                    self.status,
+                    *plugin_stats_files(self.pid_file),
+                    *metrics_snapshot_files(self.runtime),
                 )
 
     def _open_sockets(self, loaded: LoadedConfig) -> bool:
@@ -403,6 +411,7 @@ class Master:
             slot.proc = None
             if self.observatory is not None and slot is not self.echo:
                 self.observatory.worker_exited(int(slot.extra["worker_id"]))
+                self.observatory.note_worker_restart()
         for proc in list(self.retiring):
             if proc.poll() is not None:
                 self.retiring.remove(proc)
@@ -425,6 +434,8 @@ class Master:
             problems = [str(p) for p in e.problems]
             emit("error", "config_reload_failed", config=self.config_path, problems=problems)
             self._write_status(ok=False, problems=problems)
+            if self.observatory is not None:
+                self.observatory.note_reload(False)
             return
         normalized = dict(loaded.normalized)
         # The sockets are bound once, by the master: moving them needs a restart.
@@ -461,6 +472,8 @@ class Master:
                 problems=[f"cannot write {self.runtime}: {e}"],
             )
             self._write_status(ok=False, problems=[f"cannot write {self.runtime}: {e}"])
+            if self.observatory is not None:
+                self.observatory.note_reload(False)
             return
         # A worker still starting re-reads the runtime file once its SIGHUP handler is in.
         for slot in self.workers.values():
@@ -469,6 +482,7 @@ class Master:
         self._resize(self._worker_count(normalized))
         if self.observatory is not None:
             self.observatory.reconfigure(normalized)
+            self.observatory.note_reload(True)
         emit(
             "info",
             "config_reloaded",

@@ -7,8 +7,10 @@ Everything is off unless configured; a config with none of these sections pays n
 the request path.
 """
 
+import os
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
@@ -30,6 +32,7 @@ __all__ = [
     "Metrics",
     "Status",
     "Tracing",
+    "log_file_problem",
     "observe_settings",
 ]
 
@@ -272,6 +275,20 @@ class Alerts(_Section, kw_only=True, frozen=True):
     ] = None
 
 
+def log_file_problem(path: Path) -> str | None:
+    """Why the workers could not open ``path`` to append to it (None: they can), found
+    without creating it: a worker that cannot open its log does not start."""
+    if path.is_dir():
+        return f"{path} is a directory"
+    if path.exists():
+        return None if os.access(path, os.W_OK) else f"cannot write to {path}"
+    if not path.parent.is_dir():
+        return f"the directory {path.parent} does not exist"
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        return f"cannot create files in {path.parent}"
+    return None
+
+
 def _header_names(n: Checks, names: list[str] | bool, at: DataPath) -> list[str] | bool:
     if isinstance(names, bool):
         return names
@@ -331,7 +348,12 @@ def _metrics(n: Checks, m: Metrics, at: DataPath) -> dict[str, Any] | None:
 def _tracing(n: Checks, t: Tracing | None, at: DataPath) -> dict[str, Any] | None:
     if t is None:
         return None
-    if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", t.endpoint):
+    if t.endpoint.startswith("https://"):
+        n.report(
+            (*at, "endpoint"),
+            "https is not supported: export to a collector on this host or network over http://",
+        )
+    elif not re.fullmatch(r"http://[^/\s]+(/\S*)?", t.endpoint):
         n.report((*at, "endpoint"), f"expected an http:// URL, got {t.endpoint!r}")
     return {
         "endpoint": t.endpoint,

@@ -8,10 +8,13 @@ analytics store, alerts and the dashboard. Nothing here is on the request path.
 """
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ferrogate.events import emit
 from ferrogate.status_server import Reply, Request, Route, StatusServer, json_reply
+
+if TYPE_CHECKING:
+    from ferrogate.metrics_export import MetricsExport
 
 __all__ = ["Component", "Observatory"]
 
@@ -37,18 +40,22 @@ class Observatory:
         self.server: StatusServer | None = None
         self.components: list[Component] = []
         self._normalized = normalized
+        # The Prometheus export, for the master's own counters (restarts, reloads).
+        self.metrics: MetricsExport | None = None
 
     def start(self) -> None:
         if self.status is None:
             return
+        from ferrogate.alerts import AlertService
         from ferrogate.analytics_service import AnalyticsService
         from ferrogate.dashboard import Dashboard
         from ferrogate.metrics_export import MetricsExport
 
         normalized = self._normalized
-        metrics = MetricsExport(self.runtime, normalized)
+        metrics = self.metrics = MetricsExport(self.runtime, normalized)
         analytics = AnalyticsService(self.runtime, normalized, metrics)
-        self.components = [metrics, analytics, Dashboard(analytics)]
+        alerts = AlertService(analytics, normalized, metrics)
+        self.components = [metrics, analytics, alerts, Dashboard(normalized)]
         routes = [Route("/healthz", self._healthz, auth=False)]
         for c in self.components:
             routes += c.routes()
@@ -83,6 +90,15 @@ class Observatory:
     def worker_exited(self, worker_id: int) -> None:
         for c in self.components:
             c.worker_exited(worker_id)
+
+    def note_worker_restart(self) -> None:
+        """A worker died and is being replaced (a resize retiring one is no restart)."""
+        if self.metrics is not None:
+            self.metrics.note_worker_restart()
+
+    def note_reload(self, ok: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.note_reload(ok)
 
     def stop(self) -> None:
         for c in reversed(self.components):

@@ -60,6 +60,22 @@ def plugin_stats_files(pid_file: Path) -> list[Path]:
     return sorted(pid_file.parent.glob(f"{stem}.plugin-stats.*.json"))
 
 
+def _worker_files(runtime: Path, kind: str) -> list[Path]:
+    stem = runtime.name.removesuffix(".runtime.json")
+    return sorted(runtime.parent.glob(f"{stem}.{kind}.*.json"))
+
+
+def worker_plugin_stats_files(runtime: Path) -> list[Path]:
+    """Every worker's plugin timings file, found from the runtime file the workers read."""
+    return _worker_files(runtime, "plugin-stats")
+
+
+def metrics_snapshot_files(runtime: Path) -> list[Path]:
+    """Every worker's metrics snapshot (``rust/engine/src/metrics.rs`` writes them as
+    ``<stem>.metrics.<worker id>.json`` beside the runtime file)."""
+    return _worker_files(runtime, "metrics")
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` in one step: a reader sees the old content or the new, never half."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

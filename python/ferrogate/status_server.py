@@ -35,6 +35,8 @@ class Request:
     query: Mapping[str, str]
     headers: Mapping[str, str]
     body: bytes
+    authorized: bool = False
+    """The request carried the admin token (for routes that check it themselves)."""
 
 
 @dataclass(slots=True)
@@ -141,7 +143,7 @@ class StatusServer:
         headers = {k.lower(): v for k, v in h.headers.items()}
         length = int(headers.get("content-length") or 0)
         body = h.rfile.read(min(length, 1 << 20)) if length else b""
-        req = Request(h.command, url.path, query, headers, body)
+        req = Request(h.command, url.path, query, headers, body, self.authorized(headers))
         route = self._find(url.path)
         if route is None:
             reply = error_reply(404, "not_found", f"nothing at {url.path}")

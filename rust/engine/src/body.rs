@@ -44,6 +44,13 @@ pub struct RequestBody {
     /// Something was handed out (since the last rewind).
     handed: bool,
     keep: Keep,
+    /// The first bytes handed out, kept for the access log.
+    capture: Option<Box<BodyCapture>>,
+}
+
+struct BodyCapture {
+    bytes: Vec<u8>,
+    cap: usize,
 }
 
 /// Data frames kept for a resend, and how many of them were handed out again since the
@@ -74,6 +81,7 @@ impl RequestBody {
             limit,
             handed: false,
             keep: Keep::Off,
+            capture: None,
         }
     }
 
@@ -91,6 +99,7 @@ impl RequestBody {
                 cap: u64::MAX,
                 replayed: 0,
             },
+            capture: None,
         }
     }
 
@@ -111,6 +120,35 @@ impl RequestBody {
                 cap,
                 replayed: 0,
             };
+        }
+    }
+
+    /// Copy the first `cap` bytes handed out from now on (what a retry sends again is not
+    /// copied twice).
+    pub fn capture_first(&mut self, cap: usize) {
+        if cap > 0 && !self.handed {
+            self.capture = Some(Box::new(BodyCapture {
+                bytes: Vec::new(),
+                cap,
+            }));
+        }
+    }
+
+    /// What [`capture_first`] copied; None when nothing was.
+    ///
+    /// [`capture_first`]: RequestBody::capture_first
+    pub fn take_captured(&mut self) -> Option<Bytes> {
+        self.capture
+            .take()
+            .filter(|c| !c.bytes.is_empty())
+            .map(|c| Bytes::from(c.bytes))
+    }
+
+    #[inline]
+    fn copy_captured(&mut self, data: &Bytes) {
+        if let Some(c) = self.capture.as_mut() {
+            let n = c.cap.saturating_sub(c.bytes.len()).min(data.len());
+            c.bytes.extend_from_slice(&data[..n]);
         }
     }
 
@@ -217,6 +255,7 @@ impl Body for RequestBody {
             this.handed = true;
             if let Some(d) = f.data_ref() {
                 this.kept(d);
+                this.copy_captured(d);
             }
             return Poll::Ready(Some(Ok(f)));
         }
@@ -233,6 +272,7 @@ impl Body for RequestBody {
                         return Poll::Ready(Some(Err(BodyError::TooLarge)));
                     }
                     this.kept(d);
+                    this.copy_captured(d);
                 }
                 Some(Ok(f))
             }

@@ -178,6 +178,13 @@ pub async fn dispatch(
     if result.is_ok() {
         ctx.upstream_time = Some(started.elapsed());
     }
+    if let Some(traced) = ctx.trace.as_mut().and_then(|t| t.traced.as_mut()) {
+        traced.upstream = Some(crate::trace::UpstreamCall {
+            started,
+            elapsed: ctx.upstream_time.unwrap_or_else(|| started.elapsed()),
+            status: result.as_ref().ok().map(|r| r.status().as_u16()),
+        });
+    }
     match result {
         Ok(resp) => Ok(Dispatched::Upstream(resp, picked.guard)),
         Err(e) => Err(send_error(

@@ -300,6 +300,21 @@ impl TargetHealth {
     pub fn breaker_mode(&self) -> Option<BreakerMode> {
         self.breaker.as_ref().map(|b| b.lock().mode)
     }
+
+    /// How this worker sees the target at `now`, for metrics: whether a request would be
+    /// sent to it (passive marks included), and its breaker's mode as the next request
+    /// would find it. Unlike [`availability`](TargetHealth::availability), changes nothing.
+    pub fn view(&self, now: u64) -> (bool, Option<BreakerMode>) {
+        let flags = self.flags.load(Ordering::Relaxed);
+        let breaker = self.breaker.as_ref().map(|b| b.lock().mode_at(now));
+        let passive_down = flags & PASSIVE_DOWN != 0
+            && self
+                .passive
+                .as_ref()
+                .is_some_and(|p| now < p.down_until.load(Ordering::Relaxed));
+        let up = flags & ACTIVE_DOWN == 0 && !passive_down && breaker != Some(BreakerMode::Open);
+        (up, breaker)
+    }
 }
 
 // ---- circuit breaker ---------------------------------------------------------------------
@@ -446,6 +461,15 @@ impl BreakerCore {
             }
             BreakerMode::Open => (true, None),
             BreakerMode::HalfOpen => (self.permits == 0, None),
+        }
+    }
+
+    /// The mode a request arriving at `now` would find (an open breaker whose time is up
+    /// is half-open).
+    pub fn mode_at(&self, now: u64) -> BreakerMode {
+        match self.mode {
+            BreakerMode::Open if now >= self.open_until => BreakerMode::HalfOpen,
+            mode => mode,
         }
     }
 

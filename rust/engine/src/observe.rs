@@ -66,6 +66,9 @@ pub struct Captured {
     pub response_headers: Vec<(String, String)>,
     pub request_body: Option<bytes::Bytes>,
     pub response_body: Vec<u8>,
+    /// Form-encoded bodies (their secrets are found by field name).
+    pub request_form: bool,
+    pub response_form: bool,
 }
 
 /// One request, as every observer sees it.
@@ -165,20 +168,35 @@ impl Observer {
             || self.tracer.is_some()
     }
 
+    /// The worker is stopping (its connections drained): write out what is still held.
+    pub fn flush_at_exit(&self) {
+        if let Some(a) = &self.analytics {
+            a.flush();
+        }
+        if let Some(log) = &self.access_log {
+            log.flush(Duration::from_secs(2));
+        }
+    }
+
     /// Start the record of a request (None when nothing observes). Also takes the
     /// request's trace context, which `forward` passes upstream.
     pub fn start(&self, head: &http::request::Parts, ctx: &mut RequestCtx) -> Option<Box<RequestRecord>> {
         if let Some(tracer) = &self.tracer {
             ctx.trace = Some(tracer.context_for(&head.headers));
         }
-        if !self.is_on() {
+        let sampled = ctx.trace.as_ref().is_some_and(|t| t.sampled);
+        // The tracer wants the record of sampled requests only (others are just propagated).
+        if self.access_log.is_none() && self.metrics.is_none() && self.analytics.is_none() && !sampled {
             return None;
         }
-        let wants_text = self.access_log.is_some() || self.tracer.is_some();
+        let wants_text = self.access_log.is_some() || sampled;
         let capture = self
             .access_log
             .as_ref()
             .and_then(|log| log.capture_request(&head.headers));
+        if let (Some(log), Some(_)) = (&self.access_log, &capture) {
+            ctx.capture_body_cap = log.request_body_cap();
+        }
         Some(Box::new(RequestRecord {
             wall_start: SystemTime::now(),
             started: Instant::now(),
@@ -260,6 +278,13 @@ impl Observer {
         }
     }
 
+    /// The worker is exiting: let the observers hand on what they still hold, briefly.
+    pub async fn shutdown(&self) {
+        if let Some(t) = &self.tracer {
+            t.shutdown(Duration::from_secs(2)).await;
+        }
+    }
+
     /// The request is over: hand its record to every observer.
     pub fn finish(&self, rec: RequestRecord) {
         if let Some(m) = &self.metrics {
@@ -268,11 +293,12 @@ impl Observer {
         if let Some(a) = &self.analytics {
             a.observe(&rec);
         }
-        if let Some(t) = &self.tracer {
-            t.finish(&rec);
-        }
         if let Some(log) = &self.access_log {
             log.write(&rec);
+        }
+        // Last: a sampled record moves into the tracer's export queue as it is.
+        if let Some(t) = &self.tracer {
+            t.finish(rec);
         }
     }
 }
@@ -284,6 +310,33 @@ fn host_of(head: &http::request::Parts) -> Option<HeaderValue> {
             .uri
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    }
+}
+
+/// The status a request is logged with when the client went away before its response
+/// head was known (nginx's "client closed request").
+pub const CLIENT_CLOSED: u16 = 499;
+
+/// A request until its response head is known, with its record. hyper drops the request's
+/// future when the client goes away (while the upstream is still thinking, say): the record
+/// is then finished with [`CLIENT_CLOSED`] and what the phases had learned.
+pub struct Unanswered {
+    pub ctx: RequestCtx,
+    pub observer: Arc<Observer>,
+    pub record: Option<Box<RequestRecord>>,
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(mut rec) = self.record.take() {
+            self.observer
+                .fill(&mut rec, &mut self.ctx, CLIENT_CLOSED, &HeaderMap::new(), None);
+            drop(Finish {
+                observer: self.observer.clone(),
+                record: Some(rec),
+                capture_left: 0,
+            });
+        }
     }
 }
 

@@ -55,6 +55,8 @@ pub struct RequestCtx {
     pub cache: Option<&'static str>,
     /// The start of the request body, when the access log captures it.
     pub captured_body: Option<bytes::Bytes>,
+    /// How many bytes of the request body to keep in `captured_body` (0: none).
+    pub capture_body_cap: usize,
 }
 
 /// A request's run through its route's plugin chain.

@@ -72,6 +72,9 @@ pub struct RequestView<'a> {
     pub host: &'a str,
     pub scheme: &'a str,
     pub http_version: &'a str,
+    /// The request's trace when it is sampled: plugin hook spans are children of its
+    /// server span.
+    pub trace: Option<&'a crate::trace::TraceContext>,
 }
 
 /// Changes the chain made to the request; `None` fields are unchanged.

@@ -10,7 +10,7 @@ use crate::filters::via_value;
 use crate::framing::Ambiguity;
 use crate::headers::{new_request_id, strip_hop_by_hop, X_REQUEST_ID};
 use crate::limiter::{check, check_cluster, real_client_ip, Limit, Who};
-use crate::observe::{Finish, ObserveEnv, Observer};
+use crate::observe::{Finish, ObserveEnv, Observer, Unanswered};
 use crate::phase::{PluginRun, RequestCtx};
 use crate::plugins::{BodyMode, HookMode, RequestDecision, RequestView, ResponseEdits};
 use crate::quota::check_quotas;
@@ -71,6 +71,9 @@ impl Worker {
         let current = self.observer.load();
         let wanted = &engine.observe;
         let observer = Observer::build(wanted, Some(&current), &self.observe_env)?;
+        if let Some(metrics) = &observer.metrics {
+            metrics.track_targets(&engine);
+        }
         self.observer.store(Arc::new(observer));
         Ok(())
     }
@@ -119,12 +122,20 @@ pub async fn handle(
         trace: None,
         cache: None,
         captured_body: None,
+        capture_body_cap: 0,
     };
     let (head, body) = req.into_parts();
     let record = observer.start(&head, &mut ctx);
+    // Until the record is filled below, a dropped future (the client left) still logs it.
+    let mut pending = Unanswered {
+        ctx,
+        observer: observer.clone(),
+        record,
+    };
+    let ctx = &mut pending.ctx;
     let req = Request::from_parts(head, body);
     let mut error = None;
-    let resp = match forward(&engine, worker, &mut ctx, req, ambiguity).await {
+    let resp = match forward(&engine, worker, ctx, req, ambiguity).await {
         Ok(resp) => resp,
         Err(e) => {
             error = Some(e.kind.code());
@@ -133,22 +144,16 @@ pub async fn handle(
     };
     let mut resp = match ctx.plugins.take() {
         None => resp,
-        Some(run) => plugin_response(run, &ctx, resp).await,
+        Some(run) => plugin_response(run, ctx, resp).await,
     };
     if let Some(rate) = &ctx.rate {
         let status = resp.status();
         rate.apply(resp.headers_mut(), status);
     }
-    match record {
+    match pending.record.take() {
         None => resp,
         Some(mut record) => {
-            observer.fill(
-                &mut record,
-                &mut ctx,
-                resp.status().as_u16(),
-                resp.headers(),
-                error,
-            );
+            observer.fill(&mut record, ctx, resp.status().as_u16(), resp.headers(), error);
             let capture_left = observer.response_capture_cap(&record);
             let (parts, body) = resp.into_parts();
             let mut finish = Finish {
@@ -203,6 +208,9 @@ async fn forward(
                 format!("no route matches {} {}", parts.method, parts.uri.path()),
             )
         })?;
+        if let Some(traced) = ctx.trace.as_mut().and_then(|t| t.traced.as_mut()) {
+            traced.route_pattern = Some(m.pattern.clone());
+        }
         (m.route.clone(), m.upstream_path)
     };
     ctx.route = Some(route.clone());
@@ -260,6 +268,12 @@ async fn forward(
             ClientBody::Stream(body, first)
         }
     };
+    if let (ClientBody::Whole(b), n @ 1..) = (&client_body, ctx.capture_body_cap) {
+        // The body as the client sent it, before any plugin changed it.
+        if !b.is_empty() {
+            ctx.captured_body = Some(b.slice(..b.len().min(n)));
+        }
+    }
     let mut query_override = None;
     if let Some(mut run) = ctx.plugins.take() {
         let outcome = request_plugins(ctx, &mut run, &route, &mut parts, &mut client_body).await;
@@ -314,6 +328,9 @@ async fn forward(
         ClientBody::Stream(body, first) => RequestBody::new(body, first, engine.limits.max_body_bytes),
         ClientBody::Whole(bytes) => RequestBody::buffered(bytes),
     };
+    if ctx.capture_body_cap > 0 && ctx.captured_body.is_none() {
+        body.capture_first(ctx.capture_body_cap);
+    }
 
     // send: picks a target, retries and falls back as the upstream and route say
     let query = query_override.as_deref();
@@ -346,6 +363,9 @@ async fn forward(
         p.done(dispatched.is_err());
     }
     ctx.bytes_in = body.bytes_read();
+    if let Some(captured) = body.take_captured() {
+        ctx.captured_body = Some(captured);
+    }
     let (resp, guard) = match dispatched? {
         Dispatched::Upstream(resp, guard) => (resp, guard),
         Dispatched::Respond(resp) => return Ok(resp),
@@ -492,6 +512,7 @@ async fn request_plugins(
             host: ctx.host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or(""),
             scheme: ctx.scheme,
             http_version: version_str(parts.version),
+            trace: ctx.trace.as_ref().filter(|t| t.sampled),
         };
         let (state, hook) = run.host.on_request(run.spec.chain, run.spec.request, &view);
         run.state = state;

@@ -102,6 +102,8 @@ impl Route {
 struct Entry {
     route: Arc<Route>,
     tail: Option<String>,
+    /// The path as the config wrote it (`/users/{id}`, `/api/*`): the span's `http.route`.
+    path: Arc<str>,
 }
 
 /// One radix tree of patterns; each leaf holds the routes sharing a pattern.
@@ -193,6 +195,7 @@ impl PathTable {
                 return Some(RouteMatch {
                     route: &e.route,
                     upstream_path,
+                    pattern: &e.path,
                 });
             }
         }
@@ -213,6 +216,7 @@ impl PathTable {
                 return Some(RouteMatch {
                     route: &e.route,
                     upstream_path,
+                    pattern: &e.path,
                 });
             }
             if end == 0 {
@@ -236,6 +240,8 @@ pub struct RouteMatch<'a> {
     pub route: &'a Arc<Route>,
     /// The path to send upstream when it differs from the request's (rewrite, strip).
     pub upstream_path: Option<String>,
+    /// The route's path pattern that matched, as configured.
+    pub pattern: &'a Arc<str>,
 }
 
 /// `prefix` is the matched prefix length and, for `{*name}` paths, the tail parameter.
@@ -508,6 +514,7 @@ fn insert_path(
         Entry {
             route: route.clone(),
             tail,
+            path: Arc::from(path),
         },
     ) {
         problems.push(ConfigProblem::new(at, e));

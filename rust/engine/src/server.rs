@@ -217,6 +217,8 @@ pub fn serve(
         }
         let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
         let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+        // logrotate moved the access log: reopen it (until now SIGUSR1 was ignored).
+        let mut usr1 = signal(SignalKind::user_defined1()).map_err(|e| e.to_string())?;
         log_event("info", "worker_started", serde_json::json!({"worker": worker_id}));
         // A reload that landed between reading the config and installing the SIGHUP
         // handler would otherwise be missed: look at the file once more.
@@ -225,6 +227,11 @@ pub fn serve(
             tokio::select! {
                 _ = term.recv() => break,
                 _ = hup.recv() => reload(&worker, config_path, worker_id, &mut applied, &loader).await,
+                _ = usr1.recv() => {
+                    if let Some(log) = &worker.observer.load().access_log {
+                        log.reopen();
+                    }
+                }
             }
         }
         // Stop accepting, then let in-flight requests finish within the grace period.
@@ -240,6 +247,8 @@ pub fn serve(
             .map_err(|_| "accept loops still hold the shutdown handle".to_string())?;
         let open = graceful.count();
         let drained = tokio::time::timeout(grace, graceful.shutdown()).await.is_ok();
+        worker.observer.load_full().shutdown().await;
+        worker.observer.load().flush_at_exit();
         log_event(
             "info",
             "worker_stopped",
@@ -294,6 +303,7 @@ async fn serve_connection(
     watcher: Watcher,
     mut stopping: watch::Receiver<bool>,
 ) {
+    let _open = crate::metrics::connection_opened();
     let mut probe = [0u8; 3];
     // The watcher holds up shutdown until this task ends: a client that connects and sends
     // nothing must not keep the worker waiting for the grace period.

@@ -13,6 +13,7 @@ use ferrogate_engine::plugins::{
     RequestDecision, RequestEdits, RequestView, ResponseEdits,
 };
 use ferrogate_engine::server::log_event;
+use ferrogate_engine::trace::hex;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
@@ -346,6 +347,8 @@ impl PluginHost for PyHost {
         Python::attach(|py| {
             let headers = header_blob(py, view.headers);
             let body = view.body.map(|b| PyBytes::new(py, b));
+            // Sampled requests only: (trace id, server span id) for the hooks' spans.
+            let span = view.trace.map(|t| (hex(&t.trace_id), hex(&t.span_id)));
             let meta = (
                 view.request_id,
                 view.client_ip,
@@ -353,6 +356,7 @@ impl PluginHost for PyHost {
                 view.host,
                 view.scheme,
                 view.http_version,
+                span,
             );
             let host = self.host.bind(py);
             match mode {

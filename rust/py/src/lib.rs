@@ -6,11 +6,12 @@ mod host;
 use ferrogate_engine::config::GatewayConfig;
 use ferrogate_engine::plugins::HostLoader;
 use ferrogate_engine::router::Router;
+use ferrogate_engine::trace::{self, AttrValue};
 use ferrogate_engine::{echo, server, Engine};
 use host::PyLoader;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBool, PyDict};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -74,6 +75,49 @@ fn serve(
         .map_err(PyRuntimeError::new_err)
 }
 
+/// Queue a finished span of a sampled trace with this worker's tracer (Python plugin hooks);
+/// False when tracing is off here or its queue is full.
+#[pyfunction]
+#[pyo3(signature = (trace_id, parent_span_id, name, start_ns, end_ns, attributes, error=None))]
+fn record_span(
+    trace_id: &str,
+    parent_span_id: &str,
+    name: String,
+    start_ns: u64,
+    end_ns: u64,
+    attributes: &Bound<'_, PyDict>,
+    error: Option<String>,
+) -> PyResult<bool> {
+    let trace_id = trace::from_hex::<16>(trace_id)
+        .ok_or_else(|| PyValueError::new_err("trace_id must be 32 lower-case hex digits"))?;
+    let parent_span = trace::from_hex::<8>(parent_span_id)
+        .ok_or_else(|| PyValueError::new_err("parent_span_id must be 16 lower-case hex digits"))?;
+    let mut attrs = Vec::with_capacity(attributes.len());
+    for (k, v) in attributes.iter() {
+        let key: String = k.extract()?;
+        // bool before int: a Python bool is an int too.
+        let value = if let Ok(b) = v.cast::<PyBool>() {
+            AttrValue::Bool(b.is_true())
+        } else if let Ok(i) = v.extract::<i64>() {
+            AttrValue::Int(i)
+        } else if let Ok(f) = v.extract::<f64>() {
+            AttrValue::Float(f)
+        } else {
+            AttrValue::Str(v.str()?.to_string())
+        };
+        attrs.push((key, value));
+    }
+    Ok(trace::record_span(trace::ExtraSpan {
+        trace_id,
+        parent_span,
+        name,
+        start_unix_ns: start_ns,
+        end_unix_ns: end_ns,
+        attributes: attrs,
+        error,
+    }))
+}
+
 /// Run the built-in echo upstream on a listening socket until SIGTERM (GIL released).
 #[pyfunction]
 fn serve_echo(py: Python<'_>, listen_fd: i32) -> PyResult<()> {
@@ -88,5 +132,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(route_table, m)?)?;
     m.add_function(wrap_pyfunction!(serve, m)?)?;
     m.add_function(wrap_pyfunction!(serve_echo, m)?)?;
+    m.add_function(wrap_pyfunction!(record_span, m)?)?;
     Ok(())
 }
