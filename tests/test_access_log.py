@@ -73,6 +73,22 @@ def log_path(gw: Gateway) -> Path:
     return gw.dir / "access.log"
 
 
+def test_client_ip_is_the_forwarded_one_only_behind_a_trusted_proxy(
+    gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    forwarded = {"x-forwarded-for": "203.0.113.7"}
+    trusting = gateway(
+        routes(upstream, access_log={"path": "access.log"}, trusted_proxies=["127.0.0.1/32"]),
+        workers=1,
+    )
+    resp = trusting.get("/api/who", headers=forwarded)
+    assert line_for(log_path(trusting), resp.headers["x-request-id"])["client_ip"] == "203.0.113.7"
+    # Anyone else's X-Forwarded-For is just a header: the log shows the peer.
+    plain = gateway(routes(upstream, access_log={"path": "access.log"}), workers=1)
+    resp = plain.get("/api/who", headers=forwarded)
+    assert line_for(log_path(plain), resp.headers["x-request-id"])["client_ip"] == "127.0.0.1"
+
+
 def test_a_proxied_request_is_logged_with_every_field(
     gateway: GatewayFactory, upstream: Upstream
 ) -> None:

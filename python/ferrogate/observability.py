@@ -244,7 +244,11 @@ class Analytics(_Section, kw_only=True, frozen=True):
     resolution: Annotated[
         Duration, Meta(description="Time bucket of the stored rows (and of worker flushes).")
     ] = 10.0
-    retention: Annotated[Duration, Meta(description="Rows older than this are deleted.")] = "720h"
+    # A week of fine buckets covers the dashboard's longest range; the hourly rollup keeps
+    # the long-term trends for far longer.
+    retention: Annotated[
+        Duration, Meta(description="Buckets older than this are deleted (the hourly rollup stays).")
+    ] = "168h"
     max_consumers: Annotated[
         int,
         Meta(

@@ -180,7 +180,13 @@ impl Observer {
 
     /// Start the record of a request (None when nothing observes). Also takes the
     /// request's trace context, which `forward` passes upstream.
-    pub fn start(&self, head: &http::request::Parts, ctx: &mut RequestCtx) -> Option<Box<RequestRecord>> {
+    /// `trusted`: the proxies whose X-Forwarded-For tells the client's real address.
+    pub fn start(
+        &self,
+        head: &http::request::Parts,
+        ctx: &mut RequestCtx,
+        trusted: &[ipnet::IpNet],
+    ) -> Option<Box<RequestRecord>> {
         if let Some(tracer) = &self.tracer {
             ctx.trace = Some(tracer.context_for(&head.headers));
         }
@@ -215,7 +221,10 @@ impl Observer {
             } else {
                 None
             },
-            client_ip: ctx.client_ip.clone(),
+            // Behind a trusted proxy, the client it forwards for, as rate limits see it.
+            client_ip: crate::limiter::real_client_ip(ctx.client.ip(), &head.headers, trusted)
+                .and_then(|ip| HeaderValue::from_str(&ip.to_string()).ok())
+                .unwrap_or_else(|| ctx.client_ip.clone()),
             route: None,
             consumer: None,
             status: 0,

@@ -125,7 +125,7 @@ pub async fn handle(
         capture_body_cap: 0,
     };
     let (head, body) = req.into_parts();
-    let record = observer.start(&head, &mut ctx);
+    let record = observer.start(&head, &mut ctx, &engine.trusted_proxies);
     // Until the record is filled below, a dropped future (the client left) still logs it.
     let mut pending = Unanswered {
         ctx,
