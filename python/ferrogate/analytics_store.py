@@ -222,6 +222,19 @@ class AnalyticsStore(Protocol):
     def close(self) -> None: ...
 
 
+# The columns of `buckets` and of its hourly rollup.
+_BUCKET_COLUMNS = """    t INTEGER NOT NULL,
+    series INTEGER NOT NULL,
+    span INTEGER NOT NULL,
+    requests INTEGER NOT NULL,
+    errors INTEGER NOT NULL,
+    bytes_in INTEGER NOT NULL,
+    bytes_out INTEGER NOT NULL,
+    duration REAL NOT NULL,
+    upstream_duration REAL NOT NULL,
+    hist BLOB NOT NULL,
+    PRIMARY KEY (t, series)
+"""
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS series (
     id INTEGER PRIMARY KEY,
@@ -233,32 +246,10 @@ CREATE TABLE IF NOT EXISTS series (
 );
 -- One row per bucket and series; hist: see encode_hist.
 CREATE TABLE IF NOT EXISTS buckets (
-    t INTEGER NOT NULL,
-    series INTEGER NOT NULL,
-    span INTEGER NOT NULL,
-    requests INTEGER NOT NULL,
-    errors INTEGER NOT NULL,
-    bytes_in INTEGER NOT NULL,
-    bytes_out INTEGER NOT NULL,
-    duration REAL NOT NULL,
-    upstream_duration REAL NOT NULL,
-    hist BLOB NOT NULL,
-    PRIMARY KEY (t, series)
-) WITHOUT ROWID;
+{columns}) WITHOUT ROWID;
 -- The same per hour (span: 3600000), kept longer.
 CREATE TABLE IF NOT EXISTS hourly (
-    t INTEGER NOT NULL,
-    series INTEGER NOT NULL,
-    span INTEGER NOT NULL,
-    requests INTEGER NOT NULL,
-    errors INTEGER NOT NULL,
-    bytes_in INTEGER NOT NULL,
-    bytes_out INTEGER NOT NULL,
-    duration REAL NOT NULL,
-    upstream_duration REAL NOT NULL,
-    hist BLOB NOT NULL,
-    PRIMARY KEY (t, series)
-) WITHOUT ROWID;
+{columns}) WITHOUT ROWID;
 -- The busiest bucket's request rate per hour: for the whole gateway (dim '') and for
 -- each route, consumer and upstream target.
 CREATE TABLE IF NOT EXISTS hourly_peak (
@@ -272,7 +263,7 @@ CREATE TABLE IF NOT EXISTS sources (
     name TEXT PRIMARY KEY,
     at REAL NOT NULL
 ) WITHOUT ROWID;
-"""
+""".replace("{columns}", _BUCKET_COLUMNS)
 
 _UPSERT = """
 INSERT INTO {table} (t, series, span, requests, errors, bytes_in, bytes_out, duration,
