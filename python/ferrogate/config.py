@@ -19,6 +19,8 @@ import msgspec
 from msgspec import Meta
 
 from ferrogate.addresses import join_host_port, looks_like_url, parse_upstream_url, split_host_port
+from ferrogate.consumers import ConsumerSpec as Consumer
+from ferrogate.consumers import duplicate_credentials, normalize_consumer
 from ferrogate.observability import (
     AccessLog,
     Alerts,
@@ -318,12 +320,6 @@ class Plan(_Section, kw_only=True, frozen=True):
 
     rate_limits: Annotated[list[RateLimit], Meta(description="Counted per consumer.")] = []
     quotas: Annotated[list[Quota], Meta(description="Per consumer, per day or month.")] = []
-
-
-class Consumer(_Section, kw_only=True, frozen=True):
-    """Someone an authentication plugin recognizes (it sets the request's consumer)."""
-
-    plan: Annotated[str | None, Meta(description="The plan whose limits apply.")] = None
 
 
 class RedisStore(_Section, kw_only=True, frozen=True):
@@ -704,10 +700,7 @@ class _Normalizer:
                 for j, text in enumerate(cfg.trusted_proxies)
             ],
             "plans": {name: self.plan(name, plan) for name, plan in cfg.plans.items()},
-            "consumers": {
-                name: {"plan": self.consumer_plan(name, c, cfg.plans)}
-                for name, c in cfg.consumers.items()
-            },
+            "consumers": self.consumers(cfg),
             "status": observed["status"],
             "observe": observe,
         }
@@ -791,6 +784,15 @@ class _Normalizer:
                 for j, q in enumerate(plan.quotas)
             ],
         }
+
+    def consumers(self, cfg: Config) -> dict[str, Any]:
+        out = {}
+        for name, c in cfg.consumers.items():
+            out[name] = normalize_consumer(c, ("consumers", name), self.base_dir, self.report)
+            out[name]["plan"] = self.consumer_plan(name, c, cfg.plans)
+        for at, message in duplicate_credentials(out):
+            self.report(at, message)
+        return out
 
     def consumer_plan(self, name: str, consumer: Consumer, plans: Mapping[str, Plan]) -> str | None:
         if consumer.plan is not None and consumer.plan not in plans:

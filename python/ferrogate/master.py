@@ -251,7 +251,8 @@ class Master:
             "status": None,
         }
         self.grace_period = float(runtime["grace_period"])
-        write_atomic(self.runtime, json.dumps(runtime, separators=(",", ":")))
+        # Credentials that verification needs as they are (HMAC, JWT) are in it: ours only.
+        write_atomic(self.runtime, json.dumps(runtime, separators=(",", ":")), mode=0o600)
 
     def _write_status(self, *, ok: bool, problems: list[str]) -> None:
         status = {

@@ -21,6 +21,7 @@ from typing import Any
 
 import msgspec
 
+from ferrogate import consumers
 from ferrogate.hooks import Chain, Host, Slot
 from ferrogate.plugin_registry import discover
 
@@ -98,6 +99,8 @@ def build_host(config: dict[str, Any]) -> Host | None:
     routes = config.get("routes", [])
     if not any(r.get("plugins") for r in routes):
         return None
+    # Before the plugins are made: one may look its consumers up in its constructor.
+    consumers.install(config.get("consumers", {}))
     registry = discover(config.get("plugins_dir"))
     chains: list[Chain] = [Chain(r["name"], []) for r in routes]
     instances: dict[tuple[str, str], Any] = {}

@@ -117,10 +117,42 @@ def check_value(value: Any, tp: Any, path: DataPath, report: Report) -> bool:
             results = [check_value(v, value_type, (*path, k), report) for k, v in value.items()]
             return all(results)
         if origin in (typing.Union, types.UnionType) and isinstance(value, dict):
+            tagged = _tagged_member(value, base)
+            if tagged is not None:
+                member, problem = tagged
+                if member is None:
+                    where, message, at_key = problem
+                    report((*path, *where), message, at_key)
+                    return False
+                return check_value(value, member, path, report)
             for member in typing.get_args(base):
                 if _is_struct(_strip_annotated(member)):
                     return check_value(value, member, path, report)
     return convert_leaf(value, tp, path, report)
+
+
+def _tagged_member(value: dict[str, Any], union: Any) -> tuple[Any, Any] | None:
+    """For a union of tagged Structs: the member ``value``'s tag names, or (None, the
+    problem to report). None when the union is not tagged."""
+    members = [m for m in typing.get_args(union) if _is_struct(_strip_annotated(m))]
+    tags: dict[Any, Any] = {}
+    tag_field = None
+    for m in members:
+        info = msgspec.inspect.type_info(_strip_annotated(m))
+        if isinstance(info, msgspec.inspect.StructType) and info.tag_field is not None:
+            tag_field = info.tag_field
+            tags[info.tag] = m
+    if tag_field is None:
+        return None
+    tag = value.get(tag_field)
+    if tag in tags:
+        return tags[tag], None
+    choices = ", ".join(str(t) for t in tags)
+    # Reported at the item itself: its other fields mean nothing without a known tag.
+    if tag is None:
+        return None, ((), f"missing required field '{tag_field}' (one of: {choices})", False)
+    hint = did_you_mean(str(tag), [str(t) for t in tags]) or f" (one of: {choices})"
+    return None, ((), f"unknown {tag_field} {tag!r}{hint}", False)
 
 
 def check_struct(
@@ -132,7 +164,7 @@ def check_struct(
     fields = {f.encode_name: f for f in info.fields}
     ok = True
     for key in value:
-        if key not in fields:
+        if key not in fields and key != info.tag_field:
             report((*path, key), f"unknown field '{key}'{did_you_mean(key, fields)}", True)
             ok = False
     for name, field in fields.items():
@@ -166,7 +198,10 @@ def placeholder(info: msgspec.inspect.Type) -> Any:
     if isinstance(info, msgspec.inspect.LiteralType):
         return info.values[0]
     if isinstance(info, msgspec.inspect.StructType):
-        return {f.encode_name: placeholder(f.type) for f in info.fields if f.required}
+        out = {f.encode_name: placeholder(f.type) for f in info.fields if f.required}
+        if info.tag_field is not None:
+            out[info.tag_field] = info.tag
+        return out
     return None
 
 
@@ -191,6 +226,9 @@ def salvage(value: Any, tp: Any, path: DataPath, touched: Callable[[DataPath], b
             _, value_type = typing.get_args(base)
             return {k: salvage(v, value_type, (*path, k), touched) for k, v in value.items()}
         if origin in (typing.Union, types.UnionType) and isinstance(value, dict):
+            tagged = _tagged_member(value, base)
+            if tagged is not None and tagged[0] is not None:
+                return salvage(value, tagged[0], path, touched)
             for member in typing.get_args(base):
                 if _is_struct(_strip_annotated(member)):
                     return salvage(value, member, path, touched)
@@ -216,4 +254,6 @@ def _salvage_struct(
             out[name] = salvage(value[name], hints[field.name], at, touched)
         elif field.required:
             out[name] = placeholder(field.type)
+    if info.tag_field is not None:
+        out[info.tag_field] = info.tag
     return out
