@@ -14,8 +14,13 @@
 #   /limit    one node-wide rate limit by client address, never hit (only with ROUTES=...)
 #   /cluster  one Redis-backed (scope: cluster) limit, never hit; starts a private
 #             redis-server on PORT_BASE + 2 (only with ROUTES=...)
+#   /keyauth  key-auth: wrk sends a consumer's API key (to every route) (only with ROUTES=...)
+#   /jwt      jwt: one RS256 token (sent to every route), verified once then cached; its sub
+#             goes upstream as a header (only with ROUTES=...; needs PyJWT[crypto])
 #
 #   ROUTES="none limit cluster" bench/plugins/run.sh     # what rate limits cost
+#   ROUTES="none keyauth" bench/plugins/run.sh           # what API key authentication costs
+#   ROUTES="none jwt" bench/plugins/run.sh               # what JWT authentication costs
 #
 # Pinning as in ../shared/bench/peers.sh: the gateway (master + 1 worker, every thread) alone
 # on PROXY_CPU; wrk and a private origin nginx on LOAD_CPU. The gateway's CPU time is
@@ -52,7 +57,9 @@ WORK=${TMPDIR:-/tmp}/ferrogate-bench-plugins-$(id -u)-$PORT_BASE
 HERE_LIB=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=bench/lib.sh
 source "$HERE_LIB/lib.sh"
-WRK_ARGS=(-H "X-Debug: 1")
+# Sent on every route, so that each request carries the same headers; only /keyauth reads it.
+BENCH_KEY=bench-key-4f3a2b1c0d9e8f7a
+WRK_ARGS=(-H "X-Debug: 1" -H "apikey: $BENCH_KEY")
 
 # ---- preflight -------------------------------------------------------------------------
 for tool in "$FERROGATE" nginx wrk taskset setsid ss curl pgrep timeout; do
@@ -64,7 +71,7 @@ for p in "$ORIGIN_PORT" "$GW_PORT"; do
     [ -z "$(ss -ltnH "sport = :$p")" ] || die "port $p is already in use (set PORT_BASE)"
 done
 for r in $ROUTES; do
-    case $r in none | noop | rt | stream | limit | cluster) ;; *) die "unknown route $r (none noop rt stream limit cluster)" ;; esac
+    case $r in none | noop | rt | stream | limit | cluster | keyauth | jwt) ;; *) die "unknown route $r (none noop rt stream limit cluster keyauth jwt)" ;; esac
 done
 ulimit -n "$(ulimit -Hn)"
 rm -rf "$WORK"
@@ -136,6 +143,22 @@ fi
 
 # ---- gateway ---------------------------------------------------------------------------
 write_report_lua
+if [[ " $ROUTES " == *" jwt "* ]]; then
+    # an RS256 key pair made for this run and one token signed with it, valid for a day
+    python3 - "$WORK" <<'PY' || die "cannot make the /jwt token (pip install 'PyJWT[crypto]')"
+import sys, time
+import jwt
+from cryptography.hazmat.primitives import serialization as s
+from cryptography.hazmat.primitives.asymmetric import rsa
+key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+pub = key.public_key().public_bytes(s.Encoding.PEM, s.PublicFormat.SubjectPublicKeyInfo)
+open(sys.argv[1] + "/jwt.pem", "wb").write(pub)
+now = int(time.time())
+claims = {"iss": "bench", "sub": "bench-user", "iat": now, "exp": now + 86400}
+open(sys.argv[1] + "/jwt.token", "w").write(jwt.encode(claims, key, algorithm="RS256"))
+PY
+    WRK_ARGS+=(-H "Authorization: Bearer $(cat "$WORK/jwt.token")")
+fi
 
 {
     cat <<YAML
@@ -153,6 +176,9 @@ YAML
     if [[ " $ROUTES " == *" cluster "* ]]; then
         printf 'rate_limiting:\n  redis: {url: "redis://127.0.0.1:%s/0"}\n' "$REDIS_PORT"
     fi
+    if [[ " $ROUTES " == *" keyauth "* ]]; then
+        printf 'consumers:\n  bench:\n    credentials:\n      - {type: key-auth, key: "%s"}\n' "$BENCH_KEY"
+    fi
     cat <<YAML
 routes:
 YAML
@@ -164,6 +190,8 @@ YAML
         case $r in
         noop) printf '    plugins:\n      - name: noop\n' ;;
         stream) printf '    plugins:\n      - name: noop-stream\n' ;;
+        keyauth) printf '    plugins:\n      - name: key-auth\n' ;;
+        jwt) printf '    plugins:\n      - name: jwt\n        config:\n          algorithms: [RS256]\n          consumer_keys: false\n          keys: [{algorithm: RS256, public_key: {file: "%s"}}]\n          claims_to_headers: {sub: x-user-id}\n' "$WORK/jwt.pem" ;;
         # limits far above what one core can serve: counted on every request, never hit
         limit) printf '    rate_limits:\n      - {limit: 1000000000, per: 1s}\n' ;;
         # a worker leases 1% (10,000 requests) at a time: Redis is asked a few times a second
@@ -191,7 +219,7 @@ wait_http "$GW_URL/none" || die "the gateway did not answer; see $WORK/gateway.l
 
 body=$(curl -fsS "$ORIGIN_URL/")
 for r in $ROUTES; do
-    got=$(curl -sS -H "X-Debug: 1" -w '%{http_code}' "$GW_URL/$r" 2>&1 || true)
+    got=$(curl -sS "${WRK_ARGS[@]}" -w '%{http_code}' "$GW_URL/$r" 2>&1 || true)
     [ "$got" = "$body"$'\n200' ] || die "GET /$r did not return the origin's body: $got (see $WORK/gateway.log)"
 done
 want_none="a= b= debug=1"
@@ -200,6 +228,14 @@ want_none="a= b= debug=1"
 if [[ " $ROUTES " == *" rt "* ]]; then
     got=$(curl -fsS -H "X-Debug: 1" "$GW_URL/rt/headers")
     [ "$got" = "a=acme b=gateway debug=" ] || die "/rt: the request-transformer did not apply its rules ($got)"
+fi
+if [[ " $ROUTES " == *" keyauth "* ]]; then
+    got=$(curl -sS -o /dev/null -w '%{http_code}' "$GW_URL/keyauth" 2>&1 || true)
+    [ "$got" = 401 ] || die "/keyauth without the key answered $got, not 401"
+fi
+if [[ " $ROUTES " == *" jwt "* ]]; then
+    got=$(curl -sS -o /dev/null -w '%{http_code}' "$GW_URL/jwt" 2>&1 || true)
+    [ "$got" = 401 ] || die "/jwt without the token answered $got, not 401"
 fi
 log "origin and gateway are up; bodies match on every route, /rt applies its header rules"
 
@@ -270,6 +306,17 @@ if [ "$ref" = none ]; then
     verdict noop 5 "noop plugin (on_request)"
     verdict rt 10 "request-transformer (add 2 headers, remove 1)"
     verdict stream "" "noop-stream plugin (on_response_chunk)"
+    if [[ " $ROUTES " == *" keyauth "* ]]; then
+        # per round: /keyauth cpu us/req over /none's, both taken in the same round
+        awk '$1 == "none" {base[$2] = $9} $1 == "keyauth" {cur[$2] = $9}
+            END {for (n in cur) if (n in base && base[n] > 0) printf "%.3f\n", cur[n] / base[n]}' "$RESULTS" |
+            median | awk '{printf "key-auth: %.2fx the cpu us/req of /none, target <= 1.5x: %s\n", $1, ($1 <= 1.5 ? "met" : "NOT met")}'
+    fi
+    if [[ " $ROUTES " == *" jwt "* ]]; then
+        awk '$1 == "none" {base[$2] = $9} $1 == "jwt" {cur[$2] = $9}
+            END {for (n in cur) if (n in base && base[n] > 0) printf "%.3f\n", cur[n] / base[n]}' "$RESULTS" |
+            median | awk '{printf "jwt (RS256, cached): %.2fx the cpu us/req of /none, target <= 2.0x: %s\n", $1, ($1 <= 2.0 ? "met" : "NOT met")}'
+    fi
 fi
 
 awk '$11 - $7 > 10 {n++} $10 > m {m = $10} END {

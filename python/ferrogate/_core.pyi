@@ -33,6 +33,7 @@ def serve(
     plugin_loader: Callable[[str], object] | None = None,
     limits: tuple[int, int, int] | None = None,
     health: tuple[int, int] | None = None,
+    tls_fds: list[int] | None = None,
 ) -> None:
     """Run one worker's proxy on already-listening sockets until SIGTERM; releases the GIL.
 
@@ -41,6 +42,7 @@ def serve(
     shared rate limit and quota tables as ``(memfd, limit bytes, quota bytes)``; without it
     the worker counts alone. ``health`` is the node's board of active health check results
     as ``(memfd, bytes)``; without it the worker runs its health checks alone.
+    ``tls_fds`` are listening sockets that serve HTTPS with the config's ``tls`` section.
 
     ``config_path`` is a normalized JSON config file. SIGHUP re-reads it and swaps the
     routing state atomically (in-flight requests finish on the old one). SIGTERM stops

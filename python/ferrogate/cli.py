@@ -1,4 +1,5 @@
-"""The ``ferrogate`` command: run, check, routes, plugins, schema, reload, stats."""
+"""The ``ferrogate`` command: run, check, routes, plugins, schema, reload, stats,
+hash-password."""
 
 import argparse
 import contextlib
@@ -342,6 +343,26 @@ def _cmd_reload(args: argparse.Namespace) -> int:
     return 1
 
 
+def _cmd_hash_password(args: argparse.Namespace) -> int:
+    from ferrogate.consumers import hash_password
+
+    if sys.stdin.isatty():
+        import getpass
+
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("ferrogate: the passwords differ", file=sys.stderr)
+            return 2
+    else:
+        # One line, as `echo "$PW" | ferrogate hash-password` sends it.
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("ferrogate: the password is empty", file=sys.stderr)
+        return 2
+    print(hash_password(password))
+    return 0
+
+
 def _cmd_stats(args: argparse.Namespace) -> int:
     from ferrogate.analytics_cli import run_stats
 
@@ -404,6 +425,12 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("-c", "--config", metavar="FILE", help="the config the master runs")
     which.add_argument("--pid-file", metavar="P", help="the master's pid file")
     reload.set_defaults(handler=_cmd_reload)
+
+    hash_pw = commands.add_parser(
+        "hash-password",
+        help="print the scrypt hash of a password (from stdin, or asked for) for password_hash",
+    )
+    hash_pw.set_defaults(handler=_cmd_hash_password)
 
     stats = commands.add_parser(
         "stats", help="traffic, errors and latency of a running gateway (its analytics)"

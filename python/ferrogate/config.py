@@ -20,7 +20,9 @@ from msgspec import Meta
 
 from ferrogate.addresses import join_host_port, looks_like_url, parse_upstream_url, split_host_port
 from ferrogate.consumers import ConsumerSpec as Consumer
+from ferrogate.consumers import checking as consumers_checking
 from ferrogate.consumers import duplicate_credentials, normalize_consumer
+from ferrogate.ip_restriction import IpRestriction, normalize_ip_restriction
 from ferrogate.observability import (
     AccessLog,
     Alerts,
@@ -47,6 +49,7 @@ from ferrogate.resilience import (
 )
 from ferrogate.runtime_files import resolve_pid_file
 from ferrogate.structcheck import check_struct, did_you_mean, salvage
+from ferrogate.tls_config import Tls, normalize_tls
 from ferrogate.units import (
     Duration,
     Size,
@@ -99,13 +102,29 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=
 
 
 class Limits(_Section, kw_only=True, frozen=True):
-    """Request size limits."""
+    """Request size and connection limits."""
 
     max_header_bytes: Annotated[
         Size, Meta(description="Request line plus headers above this get 431 headers_too_large.")
     ] = 16 * 1024
     max_body_bytes: Annotated[
         Size, Meta(description="Request bodies above this get 413 body_too_large; 0 = unlimited.")
+    ] = 0
+    max_headers: Annotated[
+        int,
+        Meta(ge=1, le=10000, description="Requests with more header fields get 431."),
+    ] = 100
+    max_url_bytes: Annotated[
+        Size,
+        Meta(description="A longer request target (path and query) gets 414; 0 = unlimited."),
+    ] = 8 * 1024
+    max_connections_per_ip: Annotated[
+        int,
+        Meta(
+            ge=0,
+            description="Open connections one client address may hold, per worker (trusted "
+            "proxies are exempt); more are closed at once; 0 = unlimited.",
+        ),
     ] = 0
 
 
@@ -135,6 +154,21 @@ class Timeouts(_Section, kw_only=True, frozen=True):
     ] = 0.0
     client_idle: Annotated[
         Duration, Meta(description="Idle keep-alive client connections are closed after this.")
+    ] = 60.0
+    client_header: Annotated[
+        Duration,
+        Meta(
+            description="A request head must arrive whole within this of its first byte (of "
+            "the connection's opening, for the first request); else the connection is "
+            "closed; 0 = no limit."
+        ),
+    ] = 10.0
+    client_body: Annotated[
+        Duration,
+        Meta(
+            description="The longest wait for more of a request body; the connection is "
+            "closed after it; 0 = no limit."
+        ),
     ] = 60.0
 
 
@@ -475,6 +509,17 @@ class Route(_Section, kw_only=True, frozen=True):
         RetryPolicy | None,
         Meta(description="Replaces the upstream's retry policy (its budget stays the upstream's)."),
     ] = None
+    ip_restriction: Annotated[
+        IpRestriction | None,
+        Meta(description="Client addresses let in or kept out here (the global list applies too)."),
+    ] = None
+    client_cert: Annotated[
+        Literal["required"] | None,
+        Meta(
+            description="required: only clients with a verified certificate (see "
+            "`tls.client_auth`) get through; others get 403."
+        ),
+    ] = None
 
 
 class Config(_Section, kw_only=True, frozen=True):
@@ -507,6 +552,9 @@ class Config(_Section, kw_only=True, frozen=True):
     echo: Annotated[
         Echo | None, Meta(description="Optional built-in echo upstream started by the master.")
     ] = None
+    tls: Annotated[
+        Tls | None, Meta(description="HTTPS listeners and their certificates; none.")
+    ] = None
     upstreams: Annotated[
         dict[str, Upstream], Meta(description="Named upstreams, referenced by routes.")
     ] = {}
@@ -526,6 +574,10 @@ class Config(_Section, kw_only=True, frozen=True):
         dict[str, Consumer],
         Meta(description="Consumers by name, as authentication plugins set them."),
     ] = {}
+    ip_restriction: Annotated[
+        IpRestriction | None,
+        Meta(description="Client addresses let in or kept out on every route; none."),
+    ] = None
     trusted_proxies: Annotated[
         list[str],
         Meta(
@@ -624,7 +676,15 @@ class _Normalizer:
             self.report(("listen",), "at least one listen address is needed")
         timeouts = {
             name: self.duration(getattr(cfg.timeouts, name), ("timeouts", name))
-            for name in ("connect", "read", "write", "total", "client_idle")
+            for name in (
+                "connect",
+                "read",
+                "write",
+                "total",
+                "client_idle",
+                "client_header",
+                "client_body",
+            )
         }
         echo = None
         if cfg.echo is not None:
@@ -641,12 +701,17 @@ class _Normalizer:
                     "upstreams made from route URLs",
                 )
             out_upstreams[name] = self.upstream(name, upstream, timeouts)
-        plugins_dir = self.plugins(cfg)
+        # Consumers first: plugins check the consumers they name (anonymous) against them.
+        out_consumers = self.consumers(cfg)
         self.redis = cfg.rate_limiting.redis
         out_routes: list[dict[str, Any]] = []
         names: dict[str, int] = {}
-        for i, route in enumerate(cfg.routes):
-            out_routes.append(self.route(i, route, names, cfg.upstreams, out_upstreams, timeouts))
+        with consumers_checking(out_consumers):
+            plugins_dir = self.plugins(cfg)
+            for i, route in enumerate(cfg.routes):
+                out_routes.append(
+                    self.route(i, route, names, cfg.upstreams, out_upstreams, timeouts)
+                )
         if not cfg.routes:
             self.report(("routes",), "at least one route is needed")
         observed = observe_settings(
@@ -669,8 +734,19 @@ class _Normalizer:
                 self.report(("access_log", "path"), problem)
         if observe["analytics"] is not None:
             observe["analytics"]["path"] = str(self.base_dir / observe["analytics"]["path"])
+        tls = None
+        if cfg.tls is not None:
+            taken = [*listen, *([echo["listen"]] if echo is not None else [])]
+            tls = normalize_tls(
+                cfg.tls,
+                self.base_dir,
+                lambda value, at: self.address(value, at, listen=True),
+                taken,
+                self.report,
+            )
         return {
             "listen": listen,
+            "tls": tls,
             "workers": cfg.workers if isinstance(cfg.workers, int) else os.cpu_count() or 1,
             "grace_period": self.duration(cfg.grace_period, ("grace_period",)),
             "pid_file": cfg.pid_file,
@@ -681,7 +757,13 @@ class _Normalizer:
                 "max_body_bytes": self.size(
                     cfg.limits.max_body_bytes, ("limits", "max_body_bytes")
                 ),
+                "max_headers": cfg.limits.max_headers,
+                "max_url_bytes": self.size(cfg.limits.max_url_bytes, ("limits", "max_url_bytes")),
+                "max_connections_per_ip": cfg.limits.max_connections_per_ip,
             },
+            "ip_restriction": normalize_ip_restriction(
+                cfg.ip_restriction, ("ip_restriction",), self.report
+            ),
             "timeouts": timeouts,
             "echo": echo,
             "upstreams": out_upstreams,
@@ -700,7 +782,7 @@ class _Normalizer:
                 for j, text in enumerate(cfg.trusted_proxies)
             ],
             "plans": {name: self.plan(name, plan) for name, plan in cfg.plans.items()},
-            "consumers": self.consumers(cfg),
+            "consumers": out_consumers,
             "status": observed["status"],
             "observe": observe,
         }
@@ -1046,6 +1128,10 @@ class _Normalizer:
             ],
             "split": self.split(route.split, (*at, "split"), upstreams),
             "mirror": self.mirror(route.mirror, (*at, "mirror"), upstreams),
+            "ip_restriction": normalize_ip_restriction(
+                route.ip_restriction, (*at, "ip_restriction"), self.report
+            ),
+            "client_cert": route.client_cert,
             **route_settings(self, route.timeouts, route.retries, at),
         }
 

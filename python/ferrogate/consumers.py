@@ -18,7 +18,9 @@ import hashlib
 import hmac
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -35,6 +37,7 @@ __all__ = [
     "Credential",
     "Registry",
     "SecretFile",
+    "checking",
     "current",
     "hash_key",
     "hash_password",
@@ -223,16 +226,17 @@ def normalize_consumer(
         elif isinstance(c, JwtCredential):
             if (c.secret is None) == (c.public_key is None):
                 report(where, "give exactly one of 'secret' (HS*) or 'public_key'")
+            jwt_secret = None if c.secret is None else secret(c.secret, "secret")
+            jwt_public = None if c.public_key is None else secret(c.public_key, "public_key")
+            _check_jwt_key(c.algorithm, jwt_secret, jwt_public, where, report)
             creds.append(
                 {
                     "type": "jwt",
                     "id": c.key,
                     "key": c.key,
                     "algorithm": c.algorithm,
-                    "secret": None if c.secret is None else secret(c.secret, "secret"),
-                    "public_key": (
-                        None if c.public_key is None else secret(c.public_key, "public_key")
-                    ),
+                    "secret": jwt_secret,
+                    "public_key": jwt_public,
                 }
             )
         else:
@@ -247,6 +251,33 @@ def normalize_consumer(
         "credentials": creds,
         "tags": dict(spec.tags),
     }
+
+
+def _check_jwt_key(
+    algorithm: str,
+    secret: str | None,
+    public_key: str | None,
+    where: DataPath,
+    report: Callable[[DataPath, str], None],
+) -> None:
+    """A jwt credential's key must fit its algorithm: a secret for HS*, a public key of the
+    algorithm's type otherwise (so a key can never verify a token of another family)."""
+    from ferrogate.plugins.jwt_keys import ALGORITHMS, HMAC_ALGORITHMS, prepare_key
+
+    if algorithm not in ALGORITHMS:
+        report((*where, "algorithm"), f"{algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+        return
+    hmac_alg = algorithm in HMAC_ALGORITHMS
+    field_name = "secret" if hmac_alg else "public_key"
+    text = secret if hmac_alg else public_key
+    if text is None:
+        if (secret is None) != (public_key is None):
+            report((*where, field_name), f"{algorithm} needs '{field_name}'")
+        return
+    try:
+        prepare_key(algorithm, text, field_name)
+    except ValueError as e:
+        report((*where, field_name), str(e).removeprefix(f"{field_name}: "))
 
 
 def duplicate_credentials(consumers: Mapping[str, dict[str, Any]]) -> list[tuple[DataPath, str]]:
@@ -321,7 +352,7 @@ class Registry:
     def get(self, name: str | None) -> Consumer | None:
         return None if name is None else self._consumers.get(name)
 
-    def __iter__(self) -> "Iterable[Consumer]":
+    def __iter__(self) -> Iterator[Consumer]:
         return iter(self._consumers.values())
 
     def __len__(self) -> int:
@@ -357,6 +388,24 @@ def install(consumers: Mapping[str, Mapping[str, Any]]) -> Registry:
     return _current
 
 
+_checking: ContextVar[Registry | None] = ContextVar("ferrogate_consumers_checking", default=None)
+
+
+@contextmanager
+def checking(consumers: Mapping[str, Mapping[str, Any]]) -> Iterator[Registry]:
+    """While a config is being checked, ``current()`` in this thread returns its consumers:
+    plugins made to validate their settings can check the consumers they name (such as an
+    ``anonymous`` one) against the config they belong to."""
+    registry = Registry(consumers)
+    token = _checking.set(registry)
+    try:
+        yield registry
+    finally:
+        _checking.reset(token)
+
+
 def current() -> Registry:
-    """The consumers of the config in force."""
-    return _current
+    """The consumers of the config in force (of the config being checked, during
+    ``checking``)."""
+    checked = _checking.get()
+    return _current if checked is None else checked

@@ -92,6 +92,9 @@ class Master:
         self.health_fd: int | None = None
         self.health_size = HEALTH_SLOTS * 32
         self.listen_addresses: list[str] = []
+        # HTTPS listeners (the config's `tls.listen`), passed to the workers as --tls-fds.
+        self.tls_listeners: list[socket.socket] = []
+        self.tls_addresses: list[str] = []
         self.echo_socket: socket.socket | None = None
         self.echo_address: str | None = None
         self.workers: dict[int, _Slot] = {}
@@ -204,7 +207,7 @@ class Master:
             self._kill_leftovers()
             if self.observatory is not None:
                 self.observatory.stop()
-            for sock in [*self.listeners, self.echo_socket]:
+            for sock in [*self.listeners, *self.tls_listeners, self.echo_socket]:
                 if sock is not None:
                     sock.close()
             if self.owns_files and read_pid(self.pid_file) in (os.getpid(), None):
@@ -218,6 +221,9 @@ class Master:
 
     def _open_sockets(self, loaded: LoadedConfig) -> bool:
         wanted: list[str] = list(loaded.normalized["listen"])
+        tls = loaded.normalized["tls"]
+        tls_addresses: list[str] = list(tls["listen"]) if tls is not None else []
+        wanted += tls_addresses
         echo = loaded.normalized["echo"]
         if echo is not None:
             wanted.append(echo["listen"])
@@ -233,6 +239,10 @@ class Master:
         if echo is not None:
             self.echo_socket = opened.pop()
             self.echo_address = echo["listen"]
+        if tls_addresses:
+            self.tls_listeners = opened[-len(tls_addresses) :]
+            del opened[-len(tls_addresses) :]
+            self.tls_addresses = tls_addresses
         self.listeners = opened
         self.listen_addresses = list(loaded.normalized["listen"])
         return True
@@ -274,7 +284,7 @@ class Master:
         os.ftruncate(self.limits_fd, self.limits_size + self.quotas_size)
 
     def _worker_slot(self, worker_id: int) -> _Slot:
-        fds = tuple(sock.fileno() for sock in self.listeners)
+        fds = tuple(sock.fileno() for sock in [*self.listeners, *self.tls_listeners])
         limits: list[str] = []
         if self.limits_fd is not None:
             fds = (*fds, self.limits_fd)
@@ -282,6 +292,8 @@ class Master:
         if self.health_fd is not None:
             fds = (*fds, self.health_fd)
             limits += ["--health", f"{self.health_fd}:{self.health_size}"]
+        if self.tls_listeners:
+            limits += ["--tls-fds", ",".join(str(sock.fileno()) for sock in self.tls_listeners)]
         argv = [
             sys.executable,
             "-m",
@@ -335,11 +347,12 @@ class Master:
         from ferrogate import __version__
 
         urls = [local_url(sock) for sock in self.listeners]
+        https = [local_url(sock).replace("http://", "https://", 1) for sock in self.tls_listeners]
         lines = [
             f"ferrogate {__version__}: master pid {os.getpid()}, {len(self.workers)} "
             f"worker{'s' if len(self.workers) != 1 else ''}, config {self.config_path}",
         ]
-        lines += [f"  listening on {url}" for url in urls]
+        lines += [f"  listening on {url}" for url in [*urls, *https]]
         if self.echo_socket is not None:
             lines.append(f"  echo upstream on {local_url(self.echo_socket)}")
             examples = _example_requests(loaded.normalized["routes"], _curlable(urls[0]))
@@ -448,6 +461,16 @@ class Master:
                 serving=self.listen_addresses,
             )
             normalized["listen"] = self.listen_addresses
+        tls = normalized["tls"]
+        if (tls["listen"] if tls is not None else []) != self.tls_addresses:
+            emit(
+                "warning",
+                "tls_listen_change_needs_restart",
+                configured=tls["listen"] if tls is not None else [],
+                serving=self.tls_addresses,
+            )
+            if tls is not None:
+                normalized["tls"] = {**tls, "listen": self.tls_addresses}
         echo = {"listen": self.echo_address} if self.echo_address is not None else None
         if normalized["echo"] != echo:
             emit(
@@ -513,7 +536,7 @@ class Master:
     def _shutdown(self, wake: socket.socket) -> None:
         # Closing our copies first means that once the workers stop accepting, new
         # connections are refused instead of waiting in a backlog nobody serves.
-        for sock in self.listeners:
+        for sock in [*self.listeners, *self.tls_listeners]:
             sock.close()
         self.signals.clear()
         workers = [s.proc for s in self.workers.values() if s.proc is not None] + self.retiring

@@ -28,6 +28,14 @@ BUILTIN = {
     "response-transformer": "ferrogate.plugins.response_transformer:ResponseTransformer",
     "cors": "ferrogate.plugins.cors:Cors",
     "request-termination": "ferrogate.plugins.request_termination:RequestTermination",
+    "key-auth": "ferrogate.plugins.key_auth:KeyAuth",
+    "basic-auth": "ferrogate.plugins.basic_auth:BasicAuth",
+    "acl": "ferrogate.plugins.acl:Acl",
+    "oauth2-introspection": "ferrogate.plugins.oauth2_introspection:OAuth2Introspection",
+    "hmac-auth": "ferrogate.plugins.hmac_auth:HmacAuth",
+    "jwt": "ferrogate.plugins.jwt_auth:JwtAuth",
+    "json-threat-protection": "ferrogate.plugins.json_threat_protection:JsonThreatProtection",
+    "policy": "ferrogate.plugins.policy:Policy",
 }
 
 BodyMode = Literal["none", "buffered", "streamed"]

@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-id", type=int, required=True)
     parser.add_argument("--fds", type=_fd_list, required=True, help="listening socket fds: 3,4")
     parser.add_argument(
+        "--tls-fds", type=_fd_list, help="listening socket fds that serve HTTPS: 5,6"
+    )
+    parser.add_argument(
         "--limits",
         type=_fd_and_sizes,
         help="the shared rate limit and quota tables: FD:LIMIT_BYTES:QUOTA_BYTES",
@@ -90,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             _PluginLoader(args.config, args.worker_id),
             args.limits,
             args.health,
+            args.tls_fds,
         )
     except Exception:
         traceback.print_exc()

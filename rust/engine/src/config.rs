@@ -35,6 +35,64 @@ pub struct GatewayConfig {
     /// Access log, metrics, tracing and analytics (`observe.rs`); all off by default.
     #[serde(default)]
     pub observe: ObserveConfig,
+    /// HTTPS listeners and their certificates (`tls.rs`); none by default.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Client addresses let in or kept out on every route (`ip_restriction.rs`).
+    #[serde(default)]
+    pub ip_restriction: Option<IpRestrictionConfig>,
+}
+
+/// `ip_restriction:` CIDRs; with `allow`, only those; `deny` always wins.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct IpRestrictionConfig {
+    #[serde(default)]
+    pub allow: Vec<String>,
+    #[serde(default)]
+    pub deny: Vec<String>,
+}
+
+/// `tls:`: the listeners that terminate TLS, with absolute file paths.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct TlsConfig {
+    #[serde(default)]
+    pub listen: Vec<String>,
+    /// The first is served when the client names no host, or one no certificate covers.
+    pub certificates: Vec<CertificateFiles>,
+    /// "1.2" or "1.3".
+    #[serde(default = "default_tls_version")]
+    pub min_version: String,
+    #[serde(default)]
+    pub client_auth: ClientAuthConfig,
+}
+
+fn default_tls_version() -> String {
+    "1.2".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct CertificateFiles {
+    /// PEM: the certificate, then its intermediates.
+    pub cert: String,
+    pub key: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuthMode {
+    #[default]
+    None,
+    Optional,
+    Required,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct ClientAuthConfig {
+    #[serde(default)]
+    pub mode: ClientAuthMode,
+    /// PEM bundle of the CAs client certificates must chain to.
+    #[serde(default)]
+    pub ca: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -143,6 +201,22 @@ pub struct QuotaConfig {
 pub struct ConsumerConfig {
     #[serde(default)]
     pub plan: Option<String>,
+    /// Only the fields the core matches on are read (`mtls`); the rest is the plugins'.
+    #[serde(default)]
+    pub credentials: Vec<CredentialConfig>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct CredentialConfig {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub id: String,
+    /// `mtls`: the certificate's subject (RFC 4514) and/or one of its SANs.
+    #[serde(default)]
+    pub subject: Option<String>,
+    #[serde(default)]
+    pub san: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -194,6 +268,12 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Request body; above it the client gets 413. 0 means unlimited.
     pub max_body_bytes: u64,
+    /// Header fields of a request; above it the client gets 431. 0 means unlimited.
+    pub max_headers: usize,
+    /// The request target (path and query); above it the client gets 414. 0 means unlimited.
+    pub max_url_bytes: usize,
+    /// Open connections from one client address per worker; 0 means unlimited.
+    pub max_connections_per_ip: u32,
 }
 
 impl Default for Limits {
@@ -201,6 +281,9 @@ impl Default for Limits {
         Limits {
             max_header_bytes: 16 * 1024,
             max_body_bytes: 0,
+            max_headers: 100,
+            max_url_bytes: 8 * 1024,
+            max_connections_per_ip: 0,
         }
     }
 }
@@ -215,6 +298,10 @@ pub struct Timeouts {
     /// The whole exchange up to the response head, retries included; 0 = no limit.
     pub total: f64,
     pub client_idle: f64,
+    /// From a request head's first byte (a connection's opening) to its end; 0 = no limit.
+    pub client_header: f64,
+    /// The longest wait for more of a request body; 0 = no limit.
+    pub client_body: f64,
 }
 
 impl Default for Timeouts {
@@ -225,6 +312,8 @@ impl Default for Timeouts {
             write: 60.0,
             total: 0.0,
             client_idle: 60.0,
+            client_header: 10.0,
+            client_body: 60.0,
         }
     }
 }
@@ -516,6 +605,12 @@ pub struct RouteConfig {
     /// Shadow traffic: a copy of the requests to another upstream, answers dropped.
     #[serde(default)]
     pub mirror: Option<MirrorConfig>,
+    /// Client addresses let in or kept out on this route, besides the global list.
+    #[serde(default)]
+    pub ip_restriction: Option<IpRestrictionConfig>,
+    /// "required": only connections with a verified client certificate get through.
+    #[serde(default)]
+    pub client_cert: Option<String>,
 }
 
 /// `upstreams.*.adaptive_concurrency`: AIMD on latency (see `concurrency.rs`).

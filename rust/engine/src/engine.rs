@@ -5,6 +5,7 @@
 use crate::cluster_limits::ClusterLimits;
 use crate::config::{ConfigProblem, GatewayConfig, Limits};
 use crate::filters::{BodyLimit, ForwardedHeaders};
+use crate::ip_restriction::{IpRestriction, IpRules};
 use crate::limiter::{trusted_proxies, Limit};
 use crate::phase::Filter;
 use crate::plugins::PluginHost;
@@ -34,8 +35,15 @@ pub struct Engine {
     pub plans: HashMap<String, Arc<Plan>>,
     pub grace_period: Duration,
     pub client_idle: Duration,
+    /// Slow-client deadlines: a whole request head, and each wait for more body (0: none).
+    pub client_header: Duration,
+    pub client_body: Duration,
     /// What the worker's observers are set to (`observe.rs`; they live in the worker).
     pub observe: crate::config::ObserveConfig,
+    /// Consumers recognized by their client certificate (`mtls` credentials).
+    pub mtls: crate::tls::MtlsIndex,
+    /// The HTTPS listeners' settings (the worker's `tls::Terminator` follows them).
+    pub tls: Option<crate::config::TlsConfig>,
 }
 
 impl Engine {
@@ -160,6 +168,11 @@ impl Engine {
                 }
             }
         }
+        let global_ip = config.ip_restriction.as_ref().and_then(|c| {
+            IpRules::compile(c, "ip_restriction")
+                .map_err(|mut p| problems.append(&mut p))
+                .ok()
+        });
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -168,6 +181,16 @@ impl Engine {
             filters.push(Box::new(BodyLimit(config.limits.max_body_bytes)));
         }
         filters.push(Box::new(ForwardedHeaders));
+        if global_ip.is_some() || config.routes.iter().any(|r| r.ip_restriction.is_some()) {
+            // First: a refused address costs no rate limit token and no plugin run.
+            filters.insert(
+                0,
+                Box::new(IpRestriction {
+                    global: global_ip,
+                    trusted: trusted.clone(),
+                }),
+            );
+        }
         Ok(Engine {
             router: router.expect("no problems means the router compiled"),
             upstreams,
@@ -180,7 +203,11 @@ impl Engine {
             plans,
             grace_period: secs(config.grace_period),
             client_idle: secs(config.timeouts.client_idle),
+            client_header: secs(config.timeouts.client_header),
+            client_body: secs(config.timeouts.client_body),
             observe: config.observe.clone(),
+            mtls: crate::tls::MtlsIndex::build(&config.consumers),
+            tls: config.tls.clone(),
         })
     }
 
@@ -197,7 +224,14 @@ impl Engine {
     /// Problems with `config_json`, as the control plane shows them.
     pub fn check(config_json: &str) -> Vec<ConfigProblem> {
         match GatewayConfig::from_json(config_json) {
-            Ok(cfg) => Engine::build(&cfg, None).err().unwrap_or_default(),
+            Ok(cfg) => {
+                let mut problems = Engine::build(&cfg, None).err().unwrap_or_default();
+                // The certificate files are read here too, so `check` finds a bad one.
+                if let Some(tls) = &cfg.tls {
+                    problems.extend(crate::tls::check(tls));
+                }
+                problems
+            }
             Err(e) => vec![ConfigProblem::new("", e)],
         }
     }

@@ -10,6 +10,8 @@ pub enum ErrorKind {
     RequestTimeout,
     BodyTooLarge,
     HeadersTooLarge,
+    UriTooLong,
+    IpForbidden,
     Internal,
     PluginFailed,
     RateLimited,
@@ -20,6 +22,7 @@ pub enum ErrorKind {
     UpstreamTimeout,
     NoHealthyTarget,
     CircuitOpen,
+    ClientCertRequired,
 }
 
 impl ErrorKind {
@@ -30,6 +33,8 @@ impl ErrorKind {
             ErrorKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ErrorKind::UriTooLong => StatusCode::URI_TOO_LONG,
+            ErrorKind::IpForbidden => StatusCode::FORBIDDEN,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorKind::PluginFailed => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
@@ -40,6 +45,8 @@ impl ErrorKind {
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::NoHealthyTarget => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
+            // No HTTP authentication scheme can supply a certificate: 403, not 401.
+            ErrorKind::ClientCertRequired => StatusCode::FORBIDDEN,
         }
     }
 
@@ -50,6 +57,8 @@ impl ErrorKind {
             ErrorKind::RequestTimeout => "request_timeout",
             ErrorKind::BodyTooLarge => "body_too_large",
             ErrorKind::HeadersTooLarge => "headers_too_large",
+            ErrorKind::UriTooLong => "uri_too_long",
+            ErrorKind::IpForbidden => "ip_forbidden",
             ErrorKind::Internal => "internal_error",
             ErrorKind::PluginFailed => "plugin_error",
             ErrorKind::RateLimited => "rate_limited",
@@ -60,6 +69,7 @@ impl ErrorKind {
             ErrorKind::UpstreamTimeout => "upstream_timeout",
             ErrorKind::NoHealthyTarget => "no_healthy_target",
             ErrorKind::CircuitOpen => "circuit_open",
+            ErrorKind::ClientCertRequired => "client_cert_required",
         }
     }
 

@@ -10,12 +10,22 @@
 //!
 //! After the first ambiguous head, or anything it cannot follow (which hyper will refuse
 //! on its own), the guard stops: the connection is closed after that request anyway.
+//!
+//! Knowing where each head and body starts, the guard also enforces the slow-client
+//! deadlines (`with_timeouts`): a head must arrive whole within `client_header` of its first
+//! byte (of the connection's opening, for the first one), and a body may not keep a read
+//! waiting longer than `client_body`. hyper's own `header_read_timeout` cannot do the first:
+//! its clock also runs while a keep-alive connection is idle, so it is the idle timeout.
+//! A missed deadline fails the read with `TimedOut` and hyper closes the connection.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
 
 /// Why a request's framing is ambiguous.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +110,19 @@ pub struct FramingGuard<IO> {
     heads: u64,
     max_head: usize,
     record: Arc<FramingRecord>,
+    timers: Option<Box<SlowClientTimers>>,
+}
+
+/// The slow-client deadlines of one connection (see the module docs).
+struct SlowClientTimers {
+    header: Option<Duration>,
+    body: Option<Duration>,
+    /// When the head being read began; None between requests.
+    head_started: Option<Instant>,
+    /// When the body read that is waiting must have data.
+    body_deadline: Option<Instant>,
+    sleep: Pin<Box<Sleep>>,
+    armed: Option<Instant>,
 }
 
 impl<IO> FramingGuard<IO> {
@@ -111,7 +134,72 @@ impl<IO> FramingGuard<IO> {
             heads: 0,
             max_head,
             record,
+            timers: None,
         }
+    }
+
+    /// Enforce `header` (from `opened` for the first head) and `body`; a zero duration is
+    /// no limit. Needs the tokio runtime.
+    pub fn with_timeouts(mut self, opened: Instant, header: Duration, body: Duration) -> Self {
+        let some = |d: Duration| (!d.is_zero()).then_some(d);
+        if header.is_zero() && body.is_zero() {
+            return self;
+        }
+        self.timers = Some(Box::new(SlowClientTimers {
+            header: some(header),
+            body: some(body),
+            head_started: Some(opened),
+            body_deadline: None,
+            sleep: Box::pin(tokio::time::sleep_until(opened)),
+            armed: None,
+        }));
+        self
+    }
+
+    /// The deadline the current read must meet, if any.
+    fn deadline(&self) -> Option<Instant> {
+        let t = self.timers.as_deref()?;
+        match self.state {
+            State::Head => Some(t.head_started? + t.header?),
+            State::Body(_) | State::Chunked(_) => t.body_deadline,
+            State::Off => None,
+        }
+    }
+
+    /// Bookkeeping after bytes (or the end) arrived.
+    fn after_read(&mut self, heads_before: u64) {
+        let in_partial_head = self.state == State::Head && !self.partial.is_empty();
+        let finished_head = self.heads != heads_before;
+        if let Some(t) = self.timers.as_deref_mut() {
+            t.body_deadline = None;
+            if finished_head {
+                t.head_started = None;
+            }
+            if in_partial_head && t.head_started.is_none() {
+                t.head_started = Some(Instant::now());
+            }
+        }
+    }
+
+    /// The read has to wait: start the body's clock if it is not running, and wake the
+    /// connection at the deadline. True when the deadline has passed.
+    fn wait(&mut self, cx: &mut Context<'_>) -> bool {
+        if matches!(self.state, State::Body(_) | State::Chunked(_)) {
+            if let Some(t) = self.timers.as_deref_mut() {
+                if let (None, Some(body)) = (t.body_deadline, t.body) {
+                    t.body_deadline = Some(Instant::now() + body);
+                }
+            }
+        }
+        let Some(deadline) = self.deadline() else {
+            return false;
+        };
+        let t = self.timers.as_deref_mut().expect("a deadline needs timers");
+        if t.armed != Some(deadline) {
+            t.sleep.as_mut().reset(deadline);
+            t.armed = Some(deadline);
+        }
+        t.sleep.as_mut().poll(cx).is_ready()
     }
 
     fn observe(&mut self, mut data: &[u8]) {
@@ -333,18 +421,39 @@ fn chunk_step(c: Chunk, b: u8) -> State {
     State::Chunked(next)
 }
 
+fn timed_out(state: State) -> std::io::Error {
+    let what = match state {
+        State::Head => "the request head did not arrive within the client_header timeout",
+        _ => "the request body stalled beyond the client_body timeout",
+    };
+    std::io::Error::new(std::io::ErrorKind::TimedOut, what)
+}
+
 impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if self.timers.is_some() && self.deadline().is_some_and(|d| Instant::now() >= d) {
+            return Poll::Ready(Err(timed_out(self.state)));
+        }
         let before = buf.filled().len();
+        let heads = self.heads;
         let res = Pin::new(&mut self.io).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = res {
-            if self.state != State::Off {
-                self.observe(&buf.filled()[before..]);
+        match res {
+            Poll::Ready(Ok(())) => {
+                if self.state != State::Off {
+                    self.observe(&buf.filled()[before..]);
+                }
+                if self.timers.is_some() {
+                    self.after_read(heads);
+                }
             }
+            Poll::Pending if self.timers.is_some() && self.wait(cx) => {
+                return Poll::Ready(Err(timed_out(self.state)));
+            }
+            _ => {}
         }
         res
     }

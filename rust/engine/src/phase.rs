@@ -40,6 +40,8 @@ pub struct RequestCtx {
     /// Who the request is from, once an authentication plugin has said so.
     pub consumer: Option<String>,
     pub credential: Option<String>,
+    /// The verified client certificate of the connection (TLS with client certificates).
+    pub client_cert: Option<Arc<crate::tls::ClientIdentity>>,
     /// The most restrictive rate limit's state, for the response headers.
     pub rate: Option<RateInfo>,
     /// What the upstream phase did, for the observers: the target that answered, how long

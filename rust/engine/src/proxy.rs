@@ -43,6 +43,8 @@ pub struct Worker {
     /// Access log, metrics, analytics, tracer: rebuilt with the engine's settings.
     pub observer: ArcSwap<Observer>,
     pub observe_env: ObserveEnv,
+    /// This worker's open connections per client address (`limits.max_connections_per_ip`).
+    pub connections: Arc<crate::conn_limit::PerIpConnections>,
 }
 
 impl Worker {
@@ -57,6 +59,7 @@ impl Worker {
                 worker_id: 0,
                 runtime_path: std::path::PathBuf::new(),
             },
+            connections: Arc::default(),
         }
     }
 
@@ -104,16 +107,26 @@ pub async fn handle(
         Some(v) if !v.is_empty() => v.clone(),
         _ => new_request_id(),
     };
+    let tls = req.extensions().get::<crate::tls::TlsConn>();
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let client_cert = tls.and_then(|t| t.client.clone());
+    // A certificate that an `mtls` credential names identifies the consumer up front, so
+    // consumer-keyed limits and the plugins see it.
+    let (consumer, credential) = match client_cert.as_deref().and_then(|c| engine.mtls.identify(c)) {
+        Some((consumer, credential)) => (Some(consumer.to_string()), Some(credential.to_string())),
+        None => (None, None),
+    };
     let mut ctx = RequestCtx {
         request_id,
         client,
         client_ip,
         route: None,
         host: None,
-        scheme: "http",
+        scheme,
         plugins: None,
-        consumer: None,
-        credential: None,
+        consumer,
+        credential,
+        client_cert,
         rate: None,
         upstream_target: None,
         upstream_time: None,
@@ -192,6 +205,9 @@ async fn forward(
         check_framing(req.headers())?;
     }
     let (mut parts, body) = req.into_parts();
+    // Limits on the head, then the path that routing, plugins and the upstream see.
+    crate::head_limits::check(&parts, &engine.limits)?;
+    crate::path_normalize::normalize_uri(&mut parts.uri)?;
 
     // phase: route
     let (route, mut upstream_path) = {
@@ -214,6 +230,12 @@ async fn forward(
         (m.route.clone(), m.upstream_path)
     };
     ctx.route = Some(route.clone());
+    if route.client_cert_required && ctx.client_cert.is_none() {
+        return Err(GatewayError::new(
+            ErrorKind::ClientCertRequired,
+            "this route needs a client certificate signed by a trusted CA",
+        ));
+    }
     ctx.host = match parts.headers.get(header::HOST) {
         Some(h) => Some(h.clone()),
         None => parts

@@ -61,6 +61,10 @@ pub struct Route {
     /// Overrides of the upstream's timeouts and retry policy.
     pub timeouts: crate::upstream::RouteTimeoutSet,
     pub retries: Option<Arc<crate::retry::RetryPolicy>>,
+    /// The route's own client address list (the global one applies as well).
+    pub ip_restriction: Option<crate::ip_restriction::IpRules>,
+    /// Only connections with a verified client certificate may use the route.
+    pub client_cert_required: bool,
     methods: Vec<Method>,
     headers: Vec<(HeaderName, Matcher)>,
     query: Vec<(String, Matcher)>,
@@ -636,10 +640,16 @@ fn compile_route(
         },
         None => None,
     };
+    let ip_restriction = rc.ip_restriction.as_ref().and_then(|c| {
+        crate::ip_restriction::IpRules::compile(c, &format!("routes[{i}].ip_restriction"))
+            .map_err(|mut p| problems.append(&mut p))
+            .ok()
+    });
     if !problems.is_empty() {
         return Err(problems);
     }
     Ok(Route {
+        ip_restriction,
         timeouts: rc
             .timeouts
             .as_ref()
@@ -662,6 +672,7 @@ fn compile_route(
         rewrite,
         rewrite_src: rc.rewrite.clone(),
         strip_prefix: rc.strip_prefix,
+        client_cert_required: rc.client_cert.as_deref() == Some("required"),
     })
 }
 

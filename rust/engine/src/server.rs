@@ -1,13 +1,16 @@
 //! A worker: accepts on the listening sockets the master handed over, serves HTTP/1.1 and
-//! h2c (prior knowledge) on each connection, reloads on SIGHUP and drains on SIGTERM.
+//! h2c (prior knowledge) on each connection, or HTTPS (HTTP/1.1 or HTTP/2 by ALPN) on the
+//! TLS ones, reloads on SIGHUP and drains on SIGTERM.
 
 use crate::config::GatewayConfig;
+use crate::conn_limit::Admission;
 use crate::engine::Engine;
 use crate::filters::client_ip_value;
 use crate::framing::{FramingGuard, FramingRecord};
 use crate::plugins::HostLoader;
 use crate::proxy::{self, Worker};
 use crate::ratelimit::SharedTable;
+use crate::tls::{Terminator, TlsConn};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -17,6 +20,7 @@ use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
@@ -57,7 +61,14 @@ fn build_engine(text: &str, previous: Option<&Engine>, loader: &Loader) -> Resul
 
 /// Apply the config file if it changed since `applied` (the text in force). The build
 /// (which may import plugin code) runs off the serving thread.
-async fn reload(worker: &Worker, path: &Path, worker_id: usize, applied: &mut String, loader: &Loader) {
+async fn reload(
+    worker: &Worker,
+    path: &Path,
+    worker_id: usize,
+    applied: &mut String,
+    loader: &Loader,
+    tls: Option<&Arc<Terminator>>,
+) {
     let result = match read_config(path) {
         Ok(text) if text == *applied => return,
         Ok(text) => {
@@ -75,6 +86,10 @@ async fn reload(worker: &Worker, path: &Path, worker_id: usize, applied: &mut St
                         );
                     }
                     worker.start_probes();
+                    if let Some(t) = tls {
+                        // Certificates are read again on every reload, changed or not.
+                        t.apply(worker.engine.load().tls.as_ref());
+                    }
                     *applied = text;
                     log_event("info", "config_applied", serde_json::json!({"worker": worker_id}));
                     Ok(())
@@ -116,6 +131,8 @@ struct Protocols {
     /// For the rare connection whose first bytes do not tell (see `serve_connection`).
     auto: auto::Builder<TokioExecutor>,
     max_head: usize,
+    /// A TLS client gets this long to finish its handshake.
+    handshake_timeout: std::time::Duration,
 }
 
 impl Protocols {
@@ -125,14 +142,16 @@ impl Protocols {
         let mut h1 = hyper::server::conn::http1::Builder::new();
         h1.timer(TokioTimer::new())
             .header_read_timeout(engine.client_idle)
-            .max_buf_size(max_head);
+            .max_buf_size(max_head)
+            .max_headers(engine.limits.max_headers);
         let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new()).max_header_list_size(h2_headers);
         let mut auto = auto::Builder::new(TokioExecutor::new());
         auto.http1()
             .timer(TokioTimer::new())
             .header_read_timeout(engine.client_idle)
-            .max_buf_size(max_head);
+            .max_buf_size(max_head)
+            .max_headers(engine.limits.max_headers);
         auto.http2()
             .timer(TokioTimer::new())
             .max_header_list_size(h2_headers);
@@ -141,6 +160,7 @@ impl Protocols {
             h2,
             auto,
             max_head,
+            handshake_timeout: engine.client_idle,
         }
     }
 }
@@ -153,9 +173,11 @@ const PRIVATE_QUOTA_SLOTS: usize = 1 << 14;
 /// Run a worker until SIGTERM. Blocks the calling thread. `limits` is the node's shared rate
 /// limit and quota tables (a memfd, the limit table's size, then the quota table's) when the
 /// master made them; `health` the node's board of active health check results (a memfd and
-/// its size).
+/// its size). `tls_fds` are listening sockets that terminate TLS (the config's `tls`).
+#[allow(clippy::too_many_arguments)]
 pub fn serve(
     fds: &[RawFd],
+    tls_fds: &[RawFd],
     config_path: &Path,
     worker_id: usize,
     loader: Loader,
@@ -204,16 +226,29 @@ pub fn serve(
         worker.start_probes();
         let graceful = Arc::new(GracefulShutdown::new());
         let (stopping, stopping_rx) = watch::channel(false);
+        let terminator = match (tls_fds.is_empty(), worker.engine.load().tls.as_ref()) {
+            (true, _) => None,
+            (false, Some(cfg)) => Some(Arc::new(Terminator::new(cfg, worker_id)?)),
+            (false, None) => {
+                return Err("TLS listeners were handed over but the config has no 'tls' section".into())
+            }
+        };
         let mut accepting = Vec::new();
-        for &fd in fds {
+        let plain = fds.iter().map(|&fd| (fd, None));
+        let secure = tls_fds.iter().map(|&fd| (fd, terminator.clone()));
+        for (fd, tls) in plain.chain(secure) {
             let listener = listener_from_fd(fd)?;
             accepting.push(tokio::spawn(accept_loop(
                 listener,
+                tls,
                 worker.clone(),
                 protocols.clone(),
                 graceful.clone(),
                 stopping_rx.clone(),
             )));
+        }
+        if let Some(t) = &terminator {
+            accepting.push(t.watch());
         }
         let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
         let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
@@ -222,11 +257,21 @@ pub fn serve(
         log_event("info", "worker_started", serde_json::json!({"worker": worker_id}));
         // A reload that landed between reading the config and installing the SIGHUP
         // handler would otherwise be missed: look at the file once more.
-        reload(&worker, config_path, worker_id, &mut applied, &loader).await;
+        reload(
+            &worker,
+            config_path,
+            worker_id,
+            &mut applied,
+            &loader,
+            terminator.as_ref(),
+        )
+        .await;
         loop {
             tokio::select! {
                 _ = term.recv() => break,
-                _ = hup.recv() => reload(&worker, config_path, worker_id, &mut applied, &loader).await,
+                _ = hup.recv() => {
+                    reload(&worker, config_path, worker_id, &mut applied, &loader, terminator.as_ref()).await
+                }
                 _ = usr1.recv() => {
                     if let Some(log) = &worker.observer.load().access_log {
                         log.reopen();
@@ -260,6 +305,7 @@ pub fn serve(
 
 async fn accept_loop(
     listener: TcpListener,
+    tls: Option<Arc<Terminator>>,
     worker: Arc<Worker>,
     protocols: Arc<Protocols>,
     graceful: Arc<GracefulShutdown>,
@@ -280,15 +326,44 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(serve_connection(
-            stream,
-            peer,
-            worker.clone(),
-            protocols.clone(),
-            graceful.watcher(),
-            stopping.clone(),
-        ));
+        match &tls {
+            None => tokio::spawn(serve_connection(
+                stream,
+                peer,
+                worker.clone(),
+                protocols.clone(),
+                graceful.watcher(),
+                stopping.clone(),
+            )),
+            Some(t) => tokio::spawn(serve_tls_connection(
+                stream,
+                peer,
+                t.acceptor(),
+                worker.clone(),
+                protocols.clone(),
+                graceful.watcher(),
+                stopping.clone(),
+            )),
+        };
     }
+}
+
+/// Count a new connection against its address's limit: None when it is over (the
+/// connection is closed unanswered); else its slot, and the slow-client timeouts to apply.
+fn admit(worker: &Arc<Worker>, peer: &SocketAddr) -> Option<(Admission, Duration, Duration)> {
+    let engine = worker.engine.load();
+    let max = engine.limits.max_connections_per_ip;
+    match worker.connections.admit(peer.ip(), max, &engine.trusted_proxies) {
+        Admission::Refused => None,
+        slot => Some((slot, engine.client_header, engine.client_body)),
+    }
+}
+
+async fn sleep_unless_zero(d: Duration) {
+    if d.is_zero() {
+        std::future::pending::<()>().await;
+    }
+    tokio::time::sleep(d).await;
 }
 
 /// Serve one client connection: HTTP/2 when it opens with the HTTP/2 preface (h2c with
@@ -304,12 +379,18 @@ async fn serve_connection(
     mut stopping: watch::Receiver<bool>,
 ) {
     let _open = crate::metrics::connection_opened();
+    let Some((_slot, header_timeout, body_timeout)) = admit(&worker, &peer) else {
+        return;
+    };
+    let opened = tokio::time::Instant::now();
     let mut probe = [0u8; 3];
     // The watcher holds up shutdown until this task ends: a client that connects and sends
-    // nothing must not keep the worker waiting for the grace period.
+    // nothing must not keep the worker waiting for the grace period (nor for longer than
+    // the header timeout).
     let peeked = tokio::select! {
         peeked = stream.peek(&mut probe) => peeked,
         _ = stopping.changed() => return,
+        _ = sleep_unless_zero(header_timeout) => return,
     };
     let n = match peeked {
         Ok(0) | Err(_) => return,
@@ -332,11 +413,74 @@ async fn serve_connection(
             .await;
         return;
     }
-    let io = TokioIo::new(FramingGuard::new(stream, protocols.max_head, record));
+    let io = TokioIo::new(
+        FramingGuard::new(stream, protocols.max_head, record).with_timeouts(
+            opened,
+            header_timeout,
+            body_timeout,
+        ),
+    );
     if b"PRI".starts_with(&probe[..n]) {
         // Too few bytes yet to tell "PRI" from "POST" or "PUT": let hyper-util decide.
         let _ = watcher.watch(protocols.auto.serve_connection(io, svc)).await;
     } else {
+        let _ = watcher.watch(protocols.h1.serve_connection(io, svc)).await;
+    }
+}
+
+/// Serve one connection of a TLS listener: the handshake (bounded by the client idle
+/// timeout), then HTTP/2 when ALPN chose h2, HTTP/1.1 otherwise.
+async fn serve_tls_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    worker: Arc<Worker>,
+    protocols: Arc<Protocols>,
+    watcher: Watcher,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let _open = crate::metrics::connection_opened();
+    let Some((_slot, header_timeout, body_timeout)) = admit(&worker, &peer) else {
+        return;
+    };
+    let opened = tokio::time::Instant::now();
+    let handshake = tokio::time::timeout(protocols.handshake_timeout, acceptor.accept(stream));
+    // A failed handshake (no client certificate when one is required, an old protocol
+    // version, an untrusted certificate) has already told the client with a TLS alert.
+    let stream = tokio::select! {
+        done = handshake => match done {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(_)) | Err(_) => return,
+        },
+        _ = stopping.changed() => return,
+    };
+    let (_, conn) = stream.get_ref();
+    let info: TlsConn = crate::tls::connection_info(conn);
+    let h2 = conn.alpn_protocol() == Some(b"h2".as_slice());
+    let client_ip = client_ip_value(&peer);
+    let record = FramingRecord::new();
+    let svc = {
+        let record = record.clone();
+        service_fn(move |mut req| {
+            req.extensions_mut().insert(info.clone());
+            let worker = worker.clone();
+            let client_ip = client_ip.clone();
+            let ambiguity = record.next_request();
+            async move { Ok::<_, Infallible>(proxy::handle(&worker, req, peer, client_ip, ambiguity).await) }
+        })
+    };
+    if h2 {
+        let _ = watcher
+            .watch(protocols.h2.serve_connection(TokioIo::new(stream), svc))
+            .await;
+    } else {
+        let io = TokioIo::new(
+            FramingGuard::new(stream, protocols.max_head, record).with_timeouts(
+                opened,
+                header_timeout,
+                body_timeout,
+            ),
+        );
         let _ = watcher.watch(protocols.h1.serve_connection(io, svc)).await;
     }
 }

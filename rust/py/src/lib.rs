@@ -59,8 +59,10 @@ fn table_rows<'py>(py: Python<'py>, router: &Router) -> PyResult<Vec<Bound<'py, 
 /// `limits=(fd, limit bytes, quota bytes)` is the node's shared rate limit and quota tables
 /// (a memfd from the master); without it the worker counts alone. `health=(fd, bytes)` is
 /// the node's board of active health check results; without it the worker probes alone.
+/// `tls_fds` are listening sockets that terminate TLS with the config's `tls` settings.
 #[pyfunction]
-#[pyo3(signature = (listen_fds, config_path, worker_id, plugin_loader=None, limits=None, health=None))]
+#[pyo3(signature = (listen_fds, config_path, worker_id, plugin_loader=None, limits=None, health=None, tls_fds=None))]
+#[allow(clippy::too_many_arguments)]
 fn serve(
     py: Python<'_>,
     listen_fds: Vec<i32>,
@@ -69,10 +71,22 @@ fn serve(
     plugin_loader: Option<Py<PyAny>>,
     limits: Option<(i32, usize, usize)>,
     health: Option<(i32, usize)>,
+    tls_fds: Option<Vec<i32>>,
 ) -> PyResult<()> {
     let loader = plugin_loader.map(|load| Arc::new(PyLoader { load }) as Arc<dyn HostLoader>);
-    py.detach(|| server::serve(&listen_fds, &config_path, worker_id, loader, limits, health))
-        .map_err(PyRuntimeError::new_err)
+    let tls_fds = tls_fds.unwrap_or_default();
+    py.detach(|| {
+        server::serve(
+            &listen_fds,
+            &tls_fds,
+            &config_path,
+            worker_id,
+            loader,
+            limits,
+            health,
+        )
+    })
+    .map_err(PyRuntimeError::new_err)
 }
 
 /// Queue a finished span of a sampled trace with this worker's tracer (Python plugin hooks);
