@@ -130,3 +130,44 @@ done = function(summary, latency, requests)
 end
 LUA
 }
+
+# start_origin PORT [LOCATIONS]: the benchmarks' origin, an nginx worker on LOAD_CPU answering
+# a 49-byte JSON body from memory (keep-alive without a request cap, no access log), with
+# LOCATIONS (nginx `location` blocks) tried first. Its files live in $WORK/origin.
+start_origin() {
+    local port=$1 locations=${2:-}
+    mkdir -p "$WORK/origin/tmp"
+    cat >"$WORK/origin/nginx.conf" <<NGINX
+daemon off;
+worker_processes 1;
+pid origin.pid;
+error_log error.log error;
+worker_rlimit_nofile 20000;
+events {
+    worker_connections 8192;
+}
+http {
+    access_log off;
+    server_tokens off;
+    etag off;
+    keepalive_timeout 300s;
+    keepalive_requests 1000000;
+    client_max_body_size 64m;
+    client_body_temp_path tmp/body;
+    proxy_temp_path tmp/proxy;
+    fastcgi_temp_path tmp/fastcgi;
+    uwsgi_temp_path tmp/uwsgi;
+    scgi_temp_path tmp/scgi;
+    server {
+        listen 127.0.0.1:$port backlog=4096;
+        default_type application/json;
+$locations
+        location / {
+            return 200 '{"ok":true,"service":"origin","message":"hello"}\n';
+        }
+    }
+}
+NGINX
+    start origin "$LOAD_CPU" nginx -p "$WORK/origin/" -c "$WORK/origin/nginx.conf" -e "$WORK/origin/error.log"
+    wait_http "http://127.0.0.1:$port/" || die "origin did not start; see $WORK/origin.log"
+}

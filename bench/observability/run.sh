@@ -71,42 +71,10 @@ echo "# gateways (1 worker each) on cpu $PROXY_CPU, one loaded at a time; wrk (1
 echo "# $ROUNDS alternating rounds x ${DURATION}s per gateway after ${WARMUP}s warm-up; about ${estimate}s"
 
 # ---- origin and OTLP sink ----------------------------------------------------------------
-cat >"$WORK/origin/nginx.conf" <<NGINX
-daemon off;
-worker_processes 1;
-pid origin.pid;
-error_log error.log error;
-worker_rlimit_nofile 20000;
-events {
-    worker_connections 8192;
-}
-http {
-    access_log off;
-    server_tokens off;
-    etag off;
-    keepalive_timeout 300s;
-    keepalive_requests 1000000;
-    client_max_body_size 64m;
-    client_body_temp_path tmp/body;
-    proxy_temp_path tmp/proxy;
-    fastcgi_temp_path tmp/fastcgi;
-    uwsgi_temp_path tmp/uwsgi;
-    scgi_temp_path tmp/scgi;
-    server {
-        listen 127.0.0.1:$ORIGIN_PORT backlog=4096;
-        default_type application/json;
-        # the OTLP sink: accepts and discards span exports
-        location = /v1/traces {
+# the OTLP sink: accepts and discards span exports
+start_origin "$ORIGIN_PORT" "        location = /v1/traces {
             return 200 '';
-        }
-        location / {
-            return 200 '{"ok":true,"service":"origin","message":"hello"}\n';
-        }
-    }
-}
-NGINX
-start origin "$LOAD_CPU" nginx -p "$WORK/origin/" -c "$WORK/origin/nginx.conf" -e "$WORK/origin/error.log"
-wait_http "$ORIGIN_URL/" || die "origin did not start; see $WORK/origin.log"
+        }"
 write_report_lua
 
 # ---- gateways ----------------------------------------------------------------------------

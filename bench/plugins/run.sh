@@ -97,41 +97,10 @@ awk -v a="$q0 $r0" -v b="$q1 $r1" 'BEGIN {split(a, A, " "); split(b, B, " ")
 # The shared origin config listens on a fixed port; this one is the same origin (small JSON
 # from memory, keep-alive without a request cap, no access log) on ORIGIN_PORT. /*/headers
 # answers with the headers this benchmark sets, to check what reached the origin.
-cat >"$WORK/origin/nginx.conf" <<NGINX
-daemon off;
-worker_processes 1;
-pid origin.pid;
-error_log error.log error;
-worker_rlimit_nofile 20000;
-events {
-    worker_connections 8192;
-}
-http {
-    access_log off;
-    server_tokens off;
-    etag off;
-    keepalive_timeout 300s;
-    keepalive_requests 1000000;
-    client_body_temp_path tmp/body;
-    proxy_temp_path tmp/proxy;
-    fastcgi_temp_path tmp/fastcgi;
-    uwsgi_temp_path tmp/uwsgi;
-    scgi_temp_path tmp/scgi;
-    server {
-        listen 127.0.0.1:$ORIGIN_PORT backlog=4096;
-        default_type application/json;
-        location ~ /headers\$ {
-            return 200 'a=\$http_x_bench_tenant b=\$http_x_bench_source debug=\$http_x_debug\n';
-        }
-        location / {
-            return 200 '{"ok":true,"service":"origin","message":"hello"}\n';
-        }
-    }
-}
-NGINX
-mkdir -p "$WORK/origin/tmp"
-start origin "$LOAD_CPU" nginx -p "$WORK/origin/" -c "$WORK/origin/nginx.conf" -e "$WORK/origin/error.log"
-wait_http "$ORIGIN_URL/" || die "origin did not start; see $WORK/origin.log"
+# /*/headers answers with the headers this benchmark sets, to check what reached the origin.
+start_origin "$ORIGIN_PORT" '        location ~ /headers$ {
+            return 200 "a=$http_x_bench_tenant b=$http_x_bench_source debug=$http_x_debug\n";
+        }'
 REDIS_PORT=$((PORT_BASE + 2))
 if [[ " $ROUTES " == *" cluster "* ]]; then
     start redis "$LOAD_CPU" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no

@@ -88,34 +88,8 @@ echo "# $ROUNDS alternating rounds x ${DURATION}s per target after ${WARMUP}s wa
         -extfile san.ext -out server.pem
 ) >"$WORK/certs.log" 2>&1 || die "cannot make the certificates; see $WORK/certs.log"
 
-# ---- origin (as in bench/plugins/run.sh) -------------------------------------------------
-cat >"$WORK/origin/nginx.conf" <<NGINX
-daemon off;
-worker_processes 1;
-pid origin.pid;
-error_log error.log error;
-worker_rlimit_nofile 20000;
-events { worker_connections 8192; }
-http {
-    access_log off;
-    server_tokens off;
-    etag off;
-    keepalive_timeout 300s;
-    keepalive_requests 1000000;
-    client_body_temp_path tmp/body;
-    proxy_temp_path tmp/proxy;
-    fastcgi_temp_path tmp/fastcgi;
-    uwsgi_temp_path tmp/uwsgi;
-    scgi_temp_path tmp/scgi;
-    server {
-        listen 127.0.0.1:$ORIGIN_PORT backlog=4096;
-        default_type application/json;
-        location / { return 200 '{"ok":true,"service":"origin","message":"hello"}\n'; }
-    }
-}
-NGINX
-start origin "$LOAD_CPU" nginx -p "$WORK/origin/" -c "$WORK/origin/nginx.conf" -e "$WORK/origin/error.log"
-wait_http "http://127.0.0.1:$ORIGIN_PORT/" || die "origin did not start; see $WORK/origin.log"
+# ---- origin ----------------------------------------------------------------------------
+start_origin "$ORIGIN_PORT"
 
 # ---- nginx terminating TLS -----------------------------------------------------------------
 cat >"$WORK/nginxtls/nginx.conf" <<NGINX

@@ -51,7 +51,9 @@ headers of those names sent by the client are removed first, so the upstream can
 (``upstream_headers: false`` sends none and leaves the client's alone).
 """
 
-from typing import Annotated, Final
+import re
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any, Final
 
 import msgspec
 from msgspec import Meta
@@ -238,3 +240,34 @@ def challenges(req: Request) -> list[str]:
     """The ``WWW-Authenticate`` challenges of the authentication plugins that let the request
     continue as anonymous, for a plugin that refuses it later with 401."""
     return list(req.ctx.get(_CHALLENGES, ()))
+
+
+# --- what bearer-token plugins (jwt, oauth2-introspection) pass on -------------------------
+
+_BAD_HEADER_VALUE = re.compile(r"[\r\n\0]")
+
+
+def scopes_of(claims: Mapping[str, Any], names: Iterable[str]) -> frozenset[str]:
+    """The scopes a token's claims grant: each named claim, a space-separated string (OAuth
+    ``scope``) or a list of strings (``scp``)."""
+    out: set[str] = set()
+    for name in names:
+        value = claims.get(name)
+        if isinstance(value, str):
+            out.update(value.split())
+        elif isinstance(value, list):
+            out.update(s for s in value if isinstance(s, str))
+    return frozenset(out)
+
+
+def claim_header_value(value: Any) -> str | None:
+    """A claim as an upstream header value; None for one that cannot be sent safely."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, (str, int, float)):
+        text = str(value)
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        text = " ".join(value)
+    else:
+        text = msgspec.json.encode(value).decode()
+    return None if _BAD_HEADER_VALUE.search(text) else text

@@ -47,7 +47,6 @@ KeyText = Annotated[
 
 _MAX_TOKEN = 16384
 _JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
-_BAD_VALUE = re.compile(r"[\r\n\0]")
 _MAX_CANDIDATES = 8
 """Keys tried for a token without ``kid`` (each try is a signature check)."""
 
@@ -99,30 +98,6 @@ class _Invalid(Exception):
 
 class _Unavailable(Exception):
     """The keys to verify the token cannot be had now (never the client's fault)."""
-
-
-def _scopes(claims: dict[str, Any]) -> frozenset[str]:
-    out: set[str] = set()
-    for name in ("scope", "scp"):
-        value = claims.get(name)
-        if isinstance(value, str):
-            out.update(value.split())
-        elif isinstance(value, list):
-            out.update(s for s in value if isinstance(s, str))
-    return frozenset(out)
-
-
-def _header_value(value: Any) -> str | None:
-    """A claim as a header value; None for one that cannot be sent safely."""
-    if isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, (str, int, float)):
-        text = str(value)
-    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-        text = " ".join(value)
-    else:
-        text = msgspec.json.encode(value).decode()
-    return None if _BAD_VALUE.search(text) else text
 
 
 def _read(value: str | SecretFile, field: str) -> str:
@@ -514,8 +489,16 @@ class JwtAuth(Plugin):
         headers = []
         for claim, name in self._claim_headers:
             value = claims.get(claim)
-            headers.append((name, None if value is None else _header_value(value)))
-        return _Verified(used, claims, _scopes(claims), consumer, used.credential, headers, until)
+            headers.append((name, None if value is None else auth.claim_header_value(value)))
+        return _Verified(
+            used,
+            claims,
+            auth.scopes_of(claims, ("scope", "scp")),
+            consumer,
+            used.credential,
+            headers,
+            until,
+        )
 
     def _cached(self, digest: bytes, now: float) -> _Verified | None:
         hit = self._cache.get(digest)

@@ -26,7 +26,6 @@ __all__ = ["OAuth2Introspection", "TokenCache"]
 # RFC 6750's b64token; anything else cannot be a bearer token and is refused unasked.
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _MAX_TOKEN = 8192
-_BAD_VALUE = re.compile(r"[\r\n\0]")
 _LOG_EVERY = 10.0
 """Seconds between two ``introspection_failed`` events of one plugin instance."""
 
@@ -83,28 +82,6 @@ class TokenCache:
 
 class _Unavailable(Exception):
     """The authorization server gave no usable answer (never the client's fault)."""
-
-
-def _scopes(claims: dict[str, Any], claim: str) -> frozenset[str]:
-    value = claims.get(claim)
-    if isinstance(value, str):
-        return frozenset(value.split())
-    if isinstance(value, list):
-        return frozenset(s for s in value if isinstance(s, str))
-    return frozenset()
-
-
-def _header_value(value: Any) -> str | None:
-    """A claim as a header value; None for one that cannot be sent safely."""
-    if isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, (str, int, float)):
-        text = str(value)
-    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-        text = " ".join(value)
-    else:
-        text = msgspec.json.encode(value).decode()
-    return None if _BAD_VALUE.search(text) else text
 
 
 class OAuth2Introspection(Plugin):
@@ -370,7 +347,7 @@ class OAuth2Introspection(Plugin):
                 f"the token's {c.consumer_claim} names no consumer of this gateway",
                 code="unknown_consumer",
             )
-        scopes = _scopes(claims, c.scope_claim)
+        scopes = auth.scopes_of(claims, (c.scope_claim,))
         missing = self._required - scopes
         if missing:
             challenge = Headers(
@@ -396,7 +373,7 @@ class OAuth2Introspection(Plugin):
         for claim, header in self._headers:
             headers.remove(header)
             value = claims.get(claim)
-            text = None if value is None else _header_value(value)
+            text = None if value is None else auth.claim_header_value(value)
             if text is not None:
                 headers[header] = text
         if c.hide_credentials:
