@@ -420,6 +420,11 @@ def closed_port() -> int:
 
 if __name__ == "__main__":
     # One upstream in this process (UpstreamProcess): print the port, serve until killed.
+    # Buffered writes put each (small) response on the wire in one send, so a SIGKILL lands
+    # before a response or after it, never between its head and its body: a response cut
+    # after its head cannot be retried by any proxy, and the tests that kill this process
+    # are about the failures a gateway can hide (refused connects, resets before a response).
+    _Handler.wbufsize = -1
     server = Upstream(sys.argv[1] if len(sys.argv) > 1 else "up")
     print(server.port, flush=True)
     threading.Event().wait()
