@@ -72,6 +72,12 @@ class Plugin:
         return cls.request_body
 
     @classmethod
+    def max_body_size_for(cls, config: Any) -> int:
+        """The cap of buffered bodies with this config (default: the class's
+        ``max_body_size``), for plugins whose settings choose it."""
+        return cls.max_body_size
+
+    @classmethod
     def response_body_mode(cls, config: Any) -> Literal["none", "buffered", "streamed"]:
         """Whether the body hook runs with this config (default: "buffered" if the class
         defines ``on_response_body``, "streamed" for ``on_response_chunk``, else "none").

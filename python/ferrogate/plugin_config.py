@@ -38,6 +38,8 @@ class Entry:
     response_body: str
     settings: dict[str, Any]
     """timeout, budget, on_over_budget, bypass_for (seconds)."""
+    body_cap: int = 0
+    """Cap of the bodies this use buffers, in bytes."""
 
 
 def _config_path(where: str) -> DataPath:
@@ -81,6 +83,7 @@ def check_use(
         spec.cls(config)
         request_body = spec.cls.request_body_mode(config)
         response_body = spec.cls.response_body_mode(config)
+        body_cap = int(spec.cls.max_body_size_for(config))
     except Exception as e:
         report((*at, "config"), f"plugin '{use.name}' on {owner} cannot start: {e}")
         return None
@@ -102,6 +105,7 @@ def check_use(
         request_body=request_body == "buffered",
         response_body=response_body,
         settings=settings,
+        body_cap=body_cap,
     )
 
 
@@ -146,11 +150,7 @@ def chain_of(
         "response_body": body,
         "log": any("on_log" in e.spec.hooks for e in entries),
         "body_cap": min(
-            (
-                e.spec.max_body_size
-                for e in entries
-                if e.request_body or e.response_body == "buffered"
-            ),
+            (e.body_cap for e in entries if e.request_body or e.response_body == "buffered"),
             default=0,
         ),
         "entries": [

@@ -36,6 +36,7 @@ BUILTIN = {
     "jwt": "ferrogate.plugins.jwt_auth:JwtAuth",
     "json-threat-protection": "ferrogate.plugins.json_threat_protection:JsonThreatProtection",
     "policy": "ferrogate.plugins.policy:Policy",
+    "request-validation": "ferrogate.plugins.request_validation:RequestValidation",
 }
 
 BodyMode = Literal["none", "buffered", "streamed"]
