@@ -8,18 +8,25 @@
 
 cimport cython
 
+cdef dict _LOWER
+cdef Py_ssize_t _LOWER_MAX
+
 
 cdef class _Fields:
     cdef public list _items
+    cdef public dict _dirty
     cdef public bint changed
 
+    @cython.locals(dirty=dict)
+    cpdef _touch(self, key)
     cpdef _key(self, name)
     cpdef list _fields(self)
     @cython.locals(field=list)
     cpdef get(self, name, default=*)
     cpdef list getall(self, name)
     cpdef add(self, name, value)
-    @cython.locals(fields=list, kept=list)
+    @cython.locals(fields=list, found=bint, i=Py_ssize_t, field=list)
+    cpdef bint _drop(self, key) except -1
     cpdef bint remove(self, name) except -1
     @cython.locals(found=bint, field=list)
     cpdef bint rename(self, old, new) except -1
@@ -31,9 +38,12 @@ cdef class _Fields:
 cdef class Headers(_Fields):
     cdef public object _blob
 
+    @cython.locals(key=object)
     cpdef _key(self, name)
-    @cython.locals(items=list, blob=bytes, line=str)
+    @cython.locals(items=list, blob=bytes, lines=list, line=str)
     cpdef list _fields(self)
+    @cython.locals(fields=list, dirty=dict, added=list)
+    cpdef _wire(self)
 
 
 cdef class Params(_Fields):
@@ -60,6 +70,8 @@ cdef class Request:
     cdef public object _span
     cdef public object consumer
     cdef public object credential
+    cdef public object _orig_consumer
+    cdef public object _orig_credential
     cdef public object ctx
     cdef public Response response
 
@@ -140,7 +152,7 @@ cdef class Host:
 @cython.locals(slot=Slot, start=cython.longlong, traced=bint, wall=cython.longlong)
 cpdef tuple run_request(Chain chain, Request req)
 
-cpdef tuple _early(Slot slot, answer)
+cpdef tuple _early(Slot slot, Request req, answer)
 
 @cython.locals(slot=Slot, start=cython.longlong, traced=bint, wall=cython.longlong)
 cpdef tuple run_response(Chain chain, Request req, Response resp)

@@ -110,7 +110,7 @@ def _run(m: Any) -> list[Any]:
             m.Chain("answer", [m.Slot("answer", None, {"on_request": answer})]),
         ]
     )
-    meta = ("id-1", "127.0.0.1", "edit", "x", "http", "HTTP/1.1", None)
+    meta = ("id-1", "127.0.0.1", "edit", "x", "http", "HTTP/1.1", None, None, None)
     blob = b"host:x\nuser-agent:curl\naccept:*/*\n"
     req, decision = host.request(0, "GET", "/a", "page=1&q=x", blob, None, meta)
     out: list[Any] = [decision]

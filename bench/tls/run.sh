@@ -10,6 +10,10 @@
 #   /plain     http://  ferrogate (1 worker) -> origin
 #   /tls       https:// ferrogate (1 worker, rustls, the same process as /plain) -> origin
 #   /nginx     https:// nginx (1 worker, OpenSSL, proxy_pass with upstream keep-alive) -> origin
+#   /upstls    http://  ferrogate (the same process) -> https:// origin (TLS towards the
+#              upstream, verified against the bench CA; pooled keep-alive connections)
+#
+#   TARGETS="plain upstls" bench/tls/run.sh     # only what TLS towards upstreams costs
 #
 # Pinning as in bench/plugins/run.sh: the gateway and the TLS nginx (only one of them loaded at
 # a time) on PROXY_CPU; wrk and the origin nginx on LOAD_CPU. CPU time per request is utime +
@@ -18,7 +22,8 @@
 # few dozen per run, so this measures the record layer (encryption) cost per request.
 #
 # Environment: DURATION (6 s), WARMUP (2 s), ROUNDS (5), CONNS (64), PROXY_CPU (1), LOAD_CPU (0),
-# PORT_BASE (18190: origin; gateway http +1, gateway https +2, nginx https +3),
+# PORT_BASE (18190: origin; gateway http +1, gateway https +2, nginx https +3, origin https +4),
+# TARGETS ("plain tls nginx upstls"),
 # FERROGATE (ferrogate). Logs stay in ${TMPDIR:-/tmp}/ferrogate-bench-tls-UID-PORT_BASE.
 #
 # Needs: ferrogate, nginx, openssl, wrk, taskset, setsid, ss, curl, pgrep, timeout.
@@ -33,12 +38,13 @@ PROXY_CPU=${PROXY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
 PORT_BASE=${PORT_BASE:-18190}
 FERROGATE=${FERROGATE:-ferrogate}
-TARGETS="plain tls nginx"
+TARGETS=${TARGETS:-"plain tls nginx upstls"}
 
 ORIGIN_PORT=$PORT_BASE
 GW_PORT=$((PORT_BASE + 1))
 GW_TLS_PORT=$((PORT_BASE + 2))
 NGINX_TLS_PORT=$((PORT_BASE + 3))
+ORIGIN_TLS_PORT=$((PORT_BASE + 4))
 WORK=${TMPDIR:-/tmp}/ferrogate-bench-tls-$(id -u)-$PORT_BASE
 
 # shellcheck source=bench/lib.sh
@@ -49,6 +55,7 @@ url_of() {
     plain) echo "http://127.0.0.1:$GW_PORT/plain" ;;
     tls) echo "https://127.0.0.1:$GW_TLS_PORT/tls" ;;
     nginx) echo "https://127.0.0.1:$NGINX_TLS_PORT/nginx" ;;
+    upstls) echo "http://127.0.0.1:$GW_PORT/upstls" ;;
     esac
 }
 service_of() { if [ "$1" = nginx ]; then echo nginxtls; else echo gateway; fi; }
@@ -59,12 +66,12 @@ for tool in "$FERROGATE" nginx openssl wrk taskset setsid ss curl pgrep timeout;
 done
 [ "$(nproc --all)" -ge 2 ] || die "needs at least 2 CPUs"
 [ "$(getconf CLK_TCK)" = 100 ] || die "CPU accounting assumes 100 clock ticks per second"
-for p in "$ORIGIN_PORT" "$GW_PORT" "$GW_TLS_PORT" "$NGINX_TLS_PORT"; do
+for p in "$ORIGIN_PORT" "$GW_PORT" "$GW_TLS_PORT" "$NGINX_TLS_PORT" "$ORIGIN_TLS_PORT"; do
     [ -z "$(ss -ltnH "sport = :$p")" ] || die "port $p is already in use (set PORT_BASE)"
 done
 ulimit -n "$(ulimit -Hn)"
 rm -rf "$WORK"
-mkdir -p "$WORK/origin/tmp" "$WORK/nginxtls/tmp"
+mkdir -p "$WORK/origin/tmp" "$WORK/nginxtls/tmp" "$WORK/origintls/tmp"
 STARTED=1
 chmod 755 "$WORK"
 
@@ -90,6 +97,39 @@ echo "# $ROUNDS alternating rounds x ${DURATION}s per target after ${WARMUP}s wa
 
 # ---- origin ----------------------------------------------------------------------------
 start_origin "$ORIGIN_PORT"
+
+# ---- the origin again, over TLS (the gateway's https upstream) ----------------------------------
+cat >"$WORK/origintls/nginx.conf" <<NGINX
+daemon off;
+worker_processes 1;
+pid nginx.pid;
+error_log error.log error;
+worker_rlimit_nofile 20000;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    server_tokens off;
+    etag off;
+    keepalive_timeout 300s;
+    keepalive_requests 1000000;
+    client_body_temp_path tmp/body;
+    proxy_temp_path tmp/proxy;
+    fastcgi_temp_path tmp/fastcgi;
+    uwsgi_temp_path tmp/uwsgi;
+    scgi_temp_path tmp/scgi;
+    server {
+        listen 127.0.0.1:$ORIGIN_TLS_PORT ssl backlog=4096;
+        ssl_certificate $WORK/server.pem;
+        ssl_certificate_key $WORK/server.key;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        default_type application/json;
+        location / {
+            return 200 '{"ok":true,"service":"origin","message":"hello"}\n';
+        }
+    }
+}
+NGINX
+start origintls "$LOAD_CPU" nginx -p "$WORK/origintls/" -c "$WORK/origintls/nginx.conf" -e "$WORK/origintls/error.log"
 
 # ---- nginx terminating TLS -----------------------------------------------------------------
 cat >"$WORK/nginxtls/nginx.conf" <<NGINX
@@ -144,7 +184,12 @@ upstreams:
   origin:
     targets: [127.0.0.1:$ORIGIN_PORT]
     keepalive: 1024
+  origintls:
+    targets: [127.0.0.1:$ORIGIN_TLS_PORT]
+    keepalive: 1024
+    tls: {ca: ca.pem}
 routes:
+  - {paths: ["/upstls/*", "/upstls"], upstream: origintls}
   - {paths: ["/*"], upstream: origin}
 YAML
 "$FERROGATE" check "$WORK/gateway.yaml" >"$WORK/check.log" 2>&1 ||
@@ -157,7 +202,8 @@ for t in $TARGETS; do
     got=$(curl -sS --cacert "$WORK/ca.pem" -w '%{http_code}' "$(url_of "$t")" 2>&1 || true)
     [ "$got" = "$body"$'\n200' ] || die "GET $(url_of "$t") did not return the origin's body: $got"
 done
-for t in tls nginx; do
+for t in $TARGETS; do
+    case $t in tls | nginx) ;; *) continue ;; esac
     proto=$(curl -sS --cacert "$WORK/ca.pem" -o /dev/null -w '%{scheme}' --http1.1 "$(url_of "$t")")
     [ "$proto" = HTTPS ] || die "$t is not HTTPS ($proto)"
 done
@@ -207,8 +253,12 @@ echo
 echo "per-round cpu us/req (rounds in order):"
 for t in $TARGETS; do printf '  %-7s %s\n' "$t" "$(col "$t" 9 | tr '\n' ' ')"; done
 echo
-ratio tls plain | awk '{printf "ferrogate TLS / ferrogate plain: %.2fx cpu us/req, target <= 1.5x: %s\n", $1, ($1 <= 1.5 ? "met" : "NOT met")}'
-ratio tls nginx | awk '{printf "ferrogate TLS / nginx TLS:       %.2fx cpu us/req, target <= 1.0x: %s\n", $1, ($1 <= 1.0 ? "met" : "NOT met")}'
+has() { [[ " $TARGETS " == *" $1 "* ]]; }
+if has upstls; then
+    ratio upstls plain | awk '{printf "ferrogate to an https upstream / to a plain one: %.2fx cpu us/req\n", $1}'
+fi
+has tls && ratio tls plain | awk '{printf "ferrogate TLS / ferrogate plain: %.2fx cpu us/req, target <= 1.5x: %s\n", $1, ($1 <= 1.5 ? "met" : "NOT met")}'
+has tls && has nginx && ratio tls nginx | awk '{printf "ferrogate TLS / nginx TLS:       %.2fx cpu us/req, target <= 1.0x: %s\n", $1, ($1 <= 1.0 ? "met" : "NOT met")}'
 awk '$11 - $7 > 10 {n++} $10 > m {m = $10} END {
     if (n) printf "\nWARNING: in %d runs other processes used >10%% of the server core (shared machine)\n", n
     if (m > 5) printf "WARNING: up to %.0f%% CPU steal by the host during runs\n", m }' "$RESULTS"

@@ -1,4 +1,4 @@
-"""``host:port`` addresses and ``http://`` upstream URLs as written in a config."""
+"""``host:port`` addresses and ``http://``/``https://`` upstream URLs as written in a config."""
 
 import ipaddress
 import re
@@ -59,17 +59,16 @@ def looks_like_url(text: str) -> bool:
     return "://" in text
 
 
-def parse_upstream_url(text: str) -> tuple[str, str]:
-    """``http://host:port/base/`` -> ``("host:port", "/base")``; the port defaults to 80.
+def parse_upstream_url(text: str) -> tuple[str, str, bool]:
+    """``http://host:port/base/`` -> ``("host:port", "/base", False)``; the last item says
+    whether the URL is ``https://``. The port defaults to 80 (443 for https).
 
     Raises ValueError with a message fit for the user.
     """
     parts = urlsplit(text)
     scheme = parts.scheme.lower()
-    if scheme == "https":
-        raise ValueError(f"{text!r}: https upstreams are not supported yet; use an http:// URL")
-    if scheme != "http":
-        raise ValueError(f"{text!r}: an upstream URL must start with http://")
+    if scheme not in ("http", "https"):
+        raise ValueError(f"{text!r}: an upstream URL must start with http:// or https://")
     if parts.username is not None or parts.password is not None:
         raise ValueError(f"{text!r}: credentials in an upstream URL are not supported")
     if parts.query or parts.fragment or text.endswith(("?", "#")):
@@ -78,6 +77,7 @@ def parse_upstream_url(text: str) -> tuple[str, str]:
     if not netloc:
         raise ValueError(f"{text!r}: the URL has no host")
     has_port = netloc.rsplit("]", 1)[-1].count(":") == 1
-    address = netloc if has_port else f"{netloc}:80"
+    tls = scheme == "https"
+    address = netloc if has_port else f"{netloc}:{443 if tls else 80}"
     host, port = split_host_port(address)
-    return join_host_port(host, port), parts.path.rstrip("/")
+    return join_host_port(host, port), parts.path.rstrip("/"), tls

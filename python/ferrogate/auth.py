@@ -205,7 +205,8 @@ def identify(req: Request, credential: Credential, config: AuthConfig) -> None:
     ``req.credential`` (the credential's id, never a secret) and the upstream headers."""
     req.consumer = credential.consumer
     req.credential = credential.id
-    req.ctx[_ANONYMOUS] = False
+    # Absent reads as False; an empty ctx stays unallocated.
+    req.ctx.pop(_ANONYMOUS, None)
     if config.upstream_headers:
         headers = _clear_upstream_headers(req)
         headers.add(CONSUMER_HEADER, credential.consumer)

@@ -56,6 +56,12 @@ from ferrogate.units import (
     parse_duration,
     parse_size,
 )
+from ferrogate.upstream_tls_config import (
+    UpstreamTls,
+    default_upstream_tls,
+    normalize_upstream_tls,
+)
+from ferrogate.waf_config import RouteWafSetting, Waf, normalize_route_waf, normalize_waf
 from ferrogate.yaml_source import parse_source
 
 __all__ = [
@@ -256,6 +262,10 @@ class Upstream(_Section, kw_only=True, frozen=True):
             description="Limit requests in flight by the upstream's latency (AIMD); the "
             "excess is shed at once with 503 overloaded."
         ),
+    ] = None
+    tls: Annotated[
+        UpstreamTls | None,
+        Meta(description="TLS towards the targets (verified by default); plain HTTP if absent."),
     ] = None
 
 
@@ -466,7 +476,10 @@ class Route(_Section, kw_only=True, frozen=True):
     ] = []
     upstream: Annotated[
         str,
-        Meta(description="An upstream name, or a URL: http://127.0.0.1:9000[/base/path]."),
+        Meta(
+            description="An upstream name, or a URL: http://127.0.0.1:9000[/base/path] "
+            "(https:// for TLS, verified against the system's roots)."
+        ),
     ]
     strip_prefix: Annotated[
         bool, Meta(description='With a "/x/*" path: remove "/x" before forwarding.')
@@ -520,6 +533,7 @@ class Route(_Section, kw_only=True, frozen=True):
             "`tls.client_auth`) get through; others get 403."
         ),
     ] = None
+    waf: RouteWafSetting = None
 
 
 class Config(_Section, kw_only=True, frozen=True):
@@ -577,6 +591,10 @@ class Config(_Section, kw_only=True, frozen=True):
     ip_restriction: Annotated[
         IpRestriction | None,
         Meta(description="Client addresses let in or kept out on every route; none."),
+    ] = None
+    waf: Annotated[
+        Waf | None,
+        Meta(description="Web application firewall (libmodsecurity + OWASP CRS); off."),
     ] = None
     trusted_proxies: Annotated[
         list[str],
@@ -646,6 +664,7 @@ class _Normalizer:
         # names of the upstreams the config defines (fallbacks refer to them)
         self.upstream_names: tuple[str, ...] = ()
         self.redis: RedisStore | None = None
+        self.waf: Waf | None = None
 
     def duration(self, value: float | str, path: DataPath) -> float:
         try:
@@ -704,6 +723,7 @@ class _Normalizer:
         # Consumers first: plugins check the consumers they name (anonymous) against them.
         out_consumers = self.consumers(cfg)
         self.redis = cfg.rate_limiting.redis
+        self.waf = cfg.waf
         out_routes: list[dict[str, Any]] = []
         names: dict[str, int] = {}
         with consumers_checking(out_consumers):
@@ -764,6 +784,7 @@ class _Normalizer:
             "ip_restriction": normalize_ip_restriction(
                 cfg.ip_restriction, ("ip_restriction",), self.report
             ),
+            "waf": normalize_waf(cfg.waf, self.base_dir, self.report),
             "timeouts": timeouts,
             "echo": echo,
             "upstreams": out_upstreams,
@@ -1014,6 +1035,7 @@ class _Normalizer:
             "path_prefix": "",
             **upstream_settings(self, upstream, at, self.upstream_names),
             "adaptive_concurrency": self.adaptive(upstream.adaptive_concurrency, at),
+            "tls": normalize_upstream_tls(upstream.tls, self.base_dir, (*at, "tls"), self.report),
         }
 
     def adaptive(self, cfg: AdaptiveConcurrency | None, at: DataPath) -> dict[str, Any] | None:
@@ -1132,6 +1154,7 @@ class _Normalizer:
                 route.ip_restriction, (*at, "ip_restriction"), self.report
             ),
             "client_cert": route.client_cert,
+            "waf": normalize_route_waf(route.waf, self.waf, (*at, "waf"), self.report),
             **route_settings(self, route.timeouts, route.retries, at),
         }
 
@@ -1145,7 +1168,7 @@ class _Normalizer:
     ) -> str:
         generated = f"{GENERATED_UPSTREAM_PREFIX}{name}"
         try:
-            address, path_prefix = parse_upstream_url(url)
+            address, path_prefix, tls = parse_upstream_url(url)
         except ValueError as e:
             self.report(("routes", i, "upstream"), str(e))
             return generated
@@ -1159,6 +1182,7 @@ class _Normalizer:
             "timeouts": {k: timeouts[k] for k in ("connect", "read", "write", "total")},
             "path_prefix": path_prefix,
             **default_upstream_settings(self, ("upstreams", generated)),
+            "tls": default_upstream_tls() if tls else None,
         }
         return generated
 

@@ -8,17 +8,29 @@ wheel is built (``cext/``); it is also plain Python and runs as such when not co
 Wire formats at the boundary:
 - headers in: one ``bytes`` blob, ``name:value\\n`` per field (names lower-case), parsed only
   when a plugin first touches ``headers``;
-- headers out: a list of ``(name, value)`` str pairs, only when a plugin changed them;
+- headers out, only when a plugin changed them: a list of ``(name, value)`` str pairs, the
+  whole new set; or, when that carries fewer fields (some were left untouched), a diff
+  against the fields handed in:
+  ``(removed, added)``, where ``removed`` lists the names (lower-case) whose every field goes
+  and ``added`` the ``(name, value)`` pairs then appended, in order. A name a plugin touched
+  in any way is removed and its fields as they now are are added, so the order of repeated
+  fields is exact; names it did not touch keep their fields (only the order of fields of
+  one name carries meaning in HTTP);
 - request decision: ``None`` (nothing changed),
   ``(0, method, path, query, headers, body, consumer, credential)`` (each ``None`` when
-  unchanged or unset), ``(1, status, headers, body)`` to answer early, or
-  ``(2, message)`` when a plugin failed;
+  unchanged or unset), ``(1, status, headers, body, consumer, credential)`` to answer early
+  (``headers`` always the whole list; ``consumer``/``credential`` set when a plugin named
+  the client before answering, for the log and metrics), or ``(2, message)`` when a plugin
+  failed;
 - response decision: ``None`` or ``(status, headers)``.
 
-The request's ``meta`` is ``(request_id, client_ip, route, host, scheme, http_version, span)``
+The request's ``meta`` is
+``(request_id, client_ip, route, host, scheme, http_version, span, consumer, credential)``
 where ``span`` is ``(trace_id, server_span_id)`` (hex) when the request's trace is sampled, else
-None. For such a request each plugin hook run becomes a span, handed to
-``ferrogate._core.record_span``; other requests pay one test per hook.
+None, and ``consumer``/``credential`` name who the data plane already knows the request is
+from (a client certificate mapped to a consumer), else None; they are ``req.consumer`` and
+``req.credential`` when the chain starts. For a sampled request each plugin hook run becomes a
+span, handed to ``ferrogate._core.record_span``; other requests pay one test per hook.
 """
 
 import json
@@ -43,8 +55,14 @@ __all__ = [
 _perf_ns = time.perf_counter_ns
 _time_ns = time.time_ns
 
-Meta = tuple[str, str, str, str, str, str, "tuple[str, str] | None"]
+Meta = tuple[str, str, str, str, str, str, "tuple[str, str] | None", str | None, str | None]
 """What the data plane tells about a request besides its head (see the module doc)."""
+
+
+_LOWER: dict[str, str] = {}
+"""Header names plugins used, lower-cased: they name the same few headers on every request,
+and a lookup costs less than ``str.lower``. Bounded, since names may come from clients."""
+_LOWER_MAX = 1024
 
 
 def _text(value: object) -> str:
@@ -64,10 +82,20 @@ class _Fields:
     one, ``del``/``remove`` drop all. Subclasses say how names compare (``_key``) and where
     the fields come from (``_fields``)."""
 
-    __slots__ = ("_items", "changed")
+    __slots__ = ("_dirty", "_items", "changed")
 
     _items: list[list[str]] | None
+    _dirty: dict[str, None] | None
+    """Names whose fields changed (set, added, removed, renamed), in first-touched order."""
     changed: bool
+
+    def _touch(self, key: str) -> None:
+        dirty = self._dirty
+        if dirty is None:
+            self._dirty = {key: None}
+        else:
+            dirty[key] = None
+        self.changed = True
 
     def _key(self, name: str) -> str:
         return name
@@ -97,25 +125,37 @@ class _Fields:
 
     def __setitem__(self, name: str, value: str) -> None:
         key = self._key(name)
-        fields = self._fields()
-        fields[:] = [f for f in fields if f[0] != key]
-        fields.append([key, _text(value)])
-        self.changed = True
+        text = value if type(value) is str else _text(value)
+        self._drop(key)
+        self._fields().append([key, text])
+        self._touch(key)
 
     def add(self, name: str, value: str) -> None:
         """Append one more value for ``name``."""
-        self._fields().append([self._key(name), _text(value)])
-        self.changed = True
+        key = self._key(name)
+        text = value if type(value) is str else _text(value)
+        self._fields().append([key, text])
+        self._touch(key)
+
+    def _drop(self, key: str) -> bool:
+        """Delete the fields named ``key`` in place; True if there was one."""
+        fields = self._fields()
+        found = False
+        i = len(fields) - 1
+        while i >= 0:
+            field = fields[i]
+            if field[0] == key:
+                del fields[i]
+                found = True
+            i -= 1
+        return found
 
     def remove(self, name: str) -> bool:
         """Drop every value of ``name``; True if there was one."""
         key = self._key(name)
-        fields = self._fields()
-        kept = [f for f in fields if f[0] != key]
-        if len(kept) == len(fields):
+        if not self._drop(key):
             return False
-        fields[:] = kept
-        self.changed = True
+        self._touch(key)
         return True
 
     def __delitem__(self, name: str) -> None:
@@ -131,7 +171,8 @@ class _Fields:
                 field[0] = dst
                 found = True
         if found:
-            self.changed = True
+            self._touch(src)
+            self._touch(dst)
         return found
 
     def __contains__(self, name: object) -> bool:
@@ -170,6 +211,7 @@ class Headers(_Fields):
     ) -> None:
         self._blob: bytes | None = None
         self._items = []
+        self._dirty = None
         self.changed = False
         if items is not None:
             pairs = items.items() if isinstance(items, Mapping) else items
@@ -177,7 +219,12 @@ class Headers(_Fields):
                 self._items.append([name.lower(), _text(value)])
 
     def _key(self, name: str) -> str:
-        return name.lower()
+        key = _LOWER.get(name)
+        if key is None:
+            key = name.lower()
+            if len(_LOWER) < _LOWER_MAX:
+                _LOWER[name] = key
+        return key
 
     def _fields(self) -> list[list[str]]:
         items = self._items
@@ -185,13 +232,29 @@ class Headers(_Fields):
             items = []
             blob = self._blob
             if blob:
-                for line in blob.decode("latin-1").split("\n"):
-                    if line:
-                        name, _, value = line.partition(":")
-                        items.append([name, value])
+                # Every line is `name:value` (the value may hold more colons); the blob
+                # ends with a newline, so the last piece is empty.
+                lines = blob.decode("latin-1").split("\n")
+                if not lines[-1]:
+                    del lines[-1]
+                for line in lines:
+                    items.append(line.split(":", 1))
             self._items = items
             self._blob = None
         return items
+
+    def _wire(self) -> "list[tuple[str, str]] | tuple[list[str], list[tuple[str, str]]]":
+        """The changed fields for the data plane: the whole list, or the diff when some
+        fields were left untouched (see the module doc)."""
+        fields = self._fields()
+        dirty = self._dirty
+        if dirty is None:
+            return [(f[0], f[1]) for f in fields]
+        added = [(f[0], f[1]) for f in fields if f[0] in dirty]
+        if len(added) == len(fields):
+            # every field is new or touched: the list is the whole set, and shorter
+            return added
+        return (list(dirty), added)
 
 
 class Params(_Fields):
@@ -202,6 +265,7 @@ class Params(_Fields):
 
     def __init__(self, query: str = "") -> None:
         self._items = [list(p) for p in parse_qsl(query, keep_blank_values=True)]
+        self._dirty = None
         self.changed = False
 
     def encode(self) -> str:
@@ -216,13 +280,17 @@ class Request:
     plugin declared ``request_body = "buffered"``, else None. ``ctx`` is a dict shared by
     every plugin and phase of this one request. ``consumer`` is who the request is from, once
     an authentication plugin has said so (and ``credential`` which of its credentials was
-    used); rate limits keyed by consumer or credential count on these.
+    used); rate limits keyed by consumer or credential count on these. A consumer the data
+    plane identified before the chain ran (a client certificate mapped to one) is there from
+    the start; setting either to None does not unset what the data plane knows.
     """
 
     __slots__ = (
         "_body",
         "_body_set",
         "_headers",
+        "_orig_consumer",
+        "_orig_credential",
         "_orig_method",
         "_orig_path",
         "_orig_query",
@@ -277,6 +345,8 @@ class Request:
         self._span: tuple[str, str] | None = None
         self.consumer: str | None = None
         self.credential: str | None = None
+        self._orig_consumer: str | None = None
+        self._orig_credential: str | None = None
         self.ctx: dict[str, Any] = {}
         self.response: Response | None = None
 
@@ -318,14 +388,20 @@ class Request:
         method_changed = self.method is not self._orig_method and self.method != self._orig_method
         path_changed = self.path is not self._orig_path and self.path != self._orig_path
         headers = self._headers
+        consumer = self.consumer
+        if consumer is self._orig_consumer:
+            consumer = None
+        credential = self.credential
+        if credential is self._orig_credential:
+            credential = None
         if not (
             method_changed
             or path_changed
             or query_changed
             or headers.changed
             or self._body_set
-            or self.consumer is not None
-            or self.credential is not None
+            or consumer is not None
+            or credential is not None
         ):
             return None
         return (
@@ -333,10 +409,10 @@ class Request:
             self.method if method_changed else None,
             self.path if path_changed else None,
             self.query if query_changed else None,
-            headers.items() if headers.changed else None,
+            headers._wire() if headers.changed else None,
             self._body if self._body_set else None,
-            self.consumer,
-            self.credential,
+            consumer,
+            credential,
         )
 
     def __repr__(self) -> str:
@@ -389,7 +465,7 @@ class Response:
             return None
         return (
             self.status if status_changed else None,
-            self._headers.items() if self._headers.changed else None,
+            self._headers._wire() if self._headers.changed else None,
         )
 
     def __repr__(self) -> str:
@@ -597,7 +673,7 @@ def run_request(chain: Chain, req: Request) -> tuple[Any, ...] | None:
             _hook_span(req, slot, "on_request", wall, None)
         slot.account("on_request", rid, start, _perf_ns())
         if answer is not None:
-            return _early(slot, answer)
+            return _early(slot, req, answer)
     return req._decision()
 
 
@@ -634,7 +710,7 @@ async def run_request_async(chain: Chain, req: Request) -> tuple[Any, ...] | Non
             _hook_span(req, slot, "on_request", wall, None)
         slot.account("on_request", rid, start, _perf_ns())
         if answer is not None:
-            return _early(slot, answer)
+            return _early(slot, req, answer)
     return req._decision()
 
 
@@ -666,14 +742,23 @@ def _hook_span(
         log_event("error", "plugin_span_failed", plugin=slot.name, error=repr(e))
 
 
-def _early(slot: Slot, answer: Any) -> tuple[Any, ...]:
+def _early(slot: Slot, req: Request, answer: Any) -> tuple[Any, ...]:
     if not isinstance(answer, Response):
         raise PluginError(
             slot.name,
             "on_request",
             f"on_request must return a Response or None, not {type(answer).__name__}",
         )
-    return (1, answer.status, answer.headers.items(), answer.body or b"")
+    consumer = req.consumer
+    credential = req.credential
+    return (
+        1,
+        answer.status,
+        answer.headers.items(),
+        answer.body or b"",
+        None if consumer is req._orig_consumer else consumer,
+        None if credential is req._orig_credential else credential,
+    )
 
 
 def run_response(chain: Chain, req: Request, resp: Response) -> tuple[Any, ...] | None:
@@ -940,6 +1025,7 @@ def _wire_headers(blob: bytes) -> Headers:
     h = Headers.__new__(Headers)
     h._blob = blob
     h._items = None
+    h._dirty = None
     h.changed = False
     return h
 
@@ -978,9 +1064,11 @@ def _new_request(
         req.scheme,
         req.http_version,
         req._span,
+        req.consumer,
+        req.credential,
     ) = meta
-    req.consumer = None
-    req.credential = None
+    req._orig_consumer = req.consumer
+    req._orig_credential = req.credential
     req.ctx = {}
     req.response = None
     return req

@@ -37,6 +37,7 @@ from ferrogate.runtime_files import (
     status_file,
     write_atomic,
 )
+from ferrogate.upstream_tls_config import warn_unverified
 
 # Quota counters a node holds (consumer x quota pairs in the current windows), 16 bytes each.
 QUOTA_SLOTS = 1 << 16
@@ -144,6 +145,7 @@ class Master:
             for problem in e.problems:
                 print(problem, file=sys.stderr)
             return 2
+        warn_unverified(loaded.normalized["upstreams"])
         self.pid_file = resolve_pid_file(
             self.config_path, loaded.config.pid_file, self.pid_file_override
         )
@@ -452,6 +454,7 @@ class Master:
                 self.observatory.note_reload(False)
             return
         normalized = dict(loaded.normalized)
+        warn_unverified(normalized["upstreams"])
         # The sockets are bound once, by the master: moving them needs a restart.
         if normalized["listen"] != self.listen_addresses:
             emit(

@@ -41,6 +41,9 @@ pub struct GatewayConfig {
     /// Client addresses let in or kept out on every route (`ip_restriction.rs`).
     #[serde(default)]
     pub ip_restriction: Option<IpRestrictionConfig>,
+    /// The web application firewall (`waf.rs`); off by default.
+    #[serde(default)]
+    pub waf: Option<crate::waf::WafConfig>,
 }
 
 /// `ip_restriction:` CIDRs; with `allow`, only those; `deny` always wins.
@@ -543,6 +546,32 @@ pub struct UpstreamConfig {
     /// Limit concurrent requests by latency (AIMD), shedding the rest with 503.
     #[serde(default)]
     pub adaptive_concurrency: Option<AdaptiveConfig>,
+    /// TLS towards the targets (`upstream_tls.rs`); None: plain HTTP.
+    #[serde(default)]
+    pub tls: Option<UpstreamTlsConfig>,
+}
+
+/// `upstreams.NAME.tls`: how the gateway's connections to the targets are secured; file
+/// paths are absolute.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct UpstreamTlsConfig {
+    /// Check the target's certificate chain, validity period and name.
+    #[serde(default = "default_true")]
+    pub verify: bool,
+    /// PEM bundle of the CAs the targets' certificates must chain to; None: the system's.
+    #[serde(default)]
+    pub ca: Option<String>,
+    /// The name sent as SNI and checked against the certificate; None: the target's host.
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// The gateway's own certificate (PEM chain) and key, for upstreams that ask for one.
+    #[serde(default)]
+    pub client_cert: Option<String>,
+    #[serde(default)]
+    pub client_key: Option<String>,
+    /// "1.2" or "1.3".
+    #[serde(default = "default_tls_version")]
+    pub min_version: String,
 }
 
 fn default_balance() -> Balance {
@@ -611,6 +640,9 @@ pub struct RouteConfig {
     /// "required": only connections with a verified client certificate get through.
     #[serde(default)]
     pub client_cert: Option<String>,
+    /// The WAF here: off, or overrides of the top-level `waf` (None: those settings).
+    #[serde(default)]
+    pub waf: Option<crate::waf::RouteWafConfig>,
 }
 
 /// `upstreams.*.adaptive_concurrency`: AIMD on latency (see `concurrency.rs`).

@@ -20,6 +20,7 @@ use crate::proxy::{hash_key, upstream_path_and_query, ProxyBody};
 use crate::retry::Cause;
 use crate::router::Route;
 use crate::upstream::{Fallback, InflightGuard, NoTarget, TimeoutSet, Upstream};
+use crate::upstream_tls::tls_error;
 use crate::Engine;
 use http::{header, request, Response, Uri};
 use http_body::Body as _;
@@ -185,6 +186,9 @@ pub async fn dispatch(
             status: result.as_ref().ok().map(|r| r.status().as_u16()),
         });
     }
+    if let Err(Failed::Send(e)) = &result {
+        log_tls_failure(e, upstream, picked.target);
+    }
     match result {
         Ok(resp) => Ok(Dispatched::Upstream(resp, picked.guard)),
         Err(e) => Err(send_error(
@@ -197,14 +201,45 @@ pub async fn dispatch(
     }
 }
 
+/// An `upstream_tls_failed` event for a refused handshake (at most one a second per target).
+fn log_tls_failure(e: &SendError, upstream: &Upstream, target: &crate::upstream::Target) {
+    let error = match e {
+        SendError::Tls(error) => error,
+        SendError::Exchange(ExchangeError::Io {
+            before_response: true,
+            error,
+            ..
+        }) if tls_error(error).is_some() => error,
+        _ => return,
+    };
+    if target.pool.log_tls_failure(ns_since_start(Instant::now())) {
+        crate::server::log_event(
+            "warn",
+            "upstream_tls_failed",
+            serde_json::json!({
+                "upstream": upstream.name,
+                "target": target.address,
+                "reason": crate::upstream_tls::reason(error),
+                "verification": crate::upstream_tls::is_verification_failure(error),
+            }),
+        );
+    }
+}
+
 /// Why an attempt failed, for retrying and for the target's health; None when it was the
 /// client's doing (its body was malformed or too large).
 fn classify(e: &Failed) -> Option<Cause> {
     Some(match e {
         Failed::Total => Cause::Timeout,
-        Failed::Send(SendError::Connect(_) | SendError::ConnectTimeout) => Cause::Connect,
+        // A refused handshake is a connect failure: the request never reached the upstream.
+        Failed::Send(SendError::Connect(_) | SendError::ConnectTimeout | SendError::Tls(_)) => Cause::Connect,
         Failed::Send(SendError::Exchange(x)) => match x {
             ExchangeError::Body(_) => return None,
+            ExchangeError::Io {
+                before_response: true,
+                error,
+                ..
+            } if tls_error(error).is_some() => Cause::Connect,
             ExchangeError::Io { error, .. } if error.kind() == std::io::ErrorKind::TimedOut => Cause::Timeout,
             ExchangeError::Io {
                 before_response: true,
@@ -230,6 +265,21 @@ fn no_target(upstream: &Upstream, why: NoTarget) -> GatewayError {
             ),
         ),
     }
+}
+
+fn tls_failed(target: &str, error: &std::io::Error, tries: &str) -> GatewayError {
+    let what = if crate::upstream_tls::is_verification_failure(error) {
+        "TLS verification of upstream"
+    } else {
+        "TLS handshake with upstream"
+    };
+    GatewayError::new(
+        ErrorKind::UpstreamTlsFailed,
+        format!(
+            "{what} {target} failed: {}{tries}",
+            crate::upstream_tls::reason(error)
+        ),
+    )
 }
 
 /// The client's error for a failed last attempt.
@@ -263,6 +313,12 @@ fn send_error(
             ErrorKind::UpstreamUnreachable,
             format!("could not connect to upstream {target}: {io}{tries}"),
         ),
+        Failed::Send(SendError::Tls(io)) => tls_failed(target, io, &tries),
+        Failed::Send(SendError::Exchange(ExchangeError::Io {
+            before_response: true,
+            error,
+            ..
+        })) if tls_error(error).is_some() => tls_failed(target, error, &tries),
         Failed::Send(SendError::Exchange(ExchangeError::Body(BodyError::TooLarge))) => {
             GatewayError::new(ErrorKind::BodyTooLarge, "request body is above the limit")
         }

@@ -44,6 +44,8 @@ pub struct Engine {
     pub mtls: crate::tls::MtlsIndex,
     /// The HTTPS listeners' settings (the worker's `tls::Terminator` follows them).
     pub tls: Option<crate::config::TlsConfig>,
+    /// The web application firewall's rules per route, when the config enables it.
+    pub waf: Option<Arc<crate::waf::Waf>>,
 }
 
 impl Engine {
@@ -173,6 +175,14 @@ impl Engine {
                 .map_err(|mut p| problems.append(&mut p))
                 .ok()
         });
+        // Compiled per config generation: a reload reads the rule files again.
+        let waf = config.waf.as_ref().and_then(|w| {
+            let routes: Vec<_> = config.routes.iter().map(|r| r.waf.as_ref()).collect();
+            crate::waf::Waf::build(w, &routes)
+                .map_err(|mut p| problems.append(&mut p))
+                .ok()
+                .map(Arc::new)
+        });
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -208,6 +218,7 @@ impl Engine {
             observe: config.observe.clone(),
             mtls: crate::tls::MtlsIndex::build(&config.consumers),
             tls: config.tls.clone(),
+            waf,
         })
     }
 

@@ -20,9 +20,11 @@ pub enum ErrorKind {
     ResponseTooLarge,
     UpstreamUnreachable,
     UpstreamTimeout,
+    UpstreamTlsFailed,
     NoHealthyTarget,
     CircuitOpen,
     ClientCertRequired,
+    WafBlocked,
 }
 
 impl ErrorKind {
@@ -43,10 +45,12 @@ impl ErrorKind {
             ErrorKind::ResponseTooLarge => StatusCode::BAD_GATEWAY,
             ErrorKind::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::UpstreamTlsFailed => StatusCode::BAD_GATEWAY,
             ErrorKind::NoHealthyTarget => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
             // No HTTP authentication scheme can supply a certificate: 403, not 401.
             ErrorKind::ClientCertRequired => StatusCode::FORBIDDEN,
+            ErrorKind::WafBlocked => StatusCode::FORBIDDEN,
         }
     }
 
@@ -67,9 +71,11 @@ impl ErrorKind {
             ErrorKind::ResponseTooLarge => "response_too_large",
             ErrorKind::UpstreamUnreachable => "upstream_unreachable",
             ErrorKind::UpstreamTimeout => "upstream_timeout",
+            ErrorKind::UpstreamTlsFailed => "upstream_tls_failed",
             ErrorKind::NoHealthyTarget => "no_healthy_target",
             ErrorKind::CircuitOpen => "circuit_open",
             ErrorKind::ClientCertRequired => "client_cert_required",
+            ErrorKind::WafBlocked => "waf_blocked",
         }
     }
 

@@ -18,8 +18,9 @@ use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 /// A response head above this size is refused (hyper's default limit is similar).
 const MAX_HEAD: usize = 64 * 1024;
@@ -28,9 +29,26 @@ const READ_MIN: usize = 16 * 1024;
 const READ_MAX: usize = 256 * 1024;
 const MAX_HEADERS: usize = 100;
 
+/// An upstream connection's transport. Plain TCP keeps the zero-copy paths below (writes
+/// through a shared reference while the socket is watched for an early answer); TLS goes
+/// through rustls, boxed so that it does not grow every plain connection.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
 /// One upstream connection and its reusable buffers.
 pub struct Conn {
-    pub(crate) stream: TcpStream,
+    pub(crate) stream: Stream,
     buf: BytesMut,
     out: Vec<u8>,
     read_size: usize,
@@ -66,6 +84,15 @@ impl std::fmt::Display for ExchangeError {
 
 impl Conn {
     pub fn new(stream: TcpStream) -> Self {
+        Self::over(Stream::Plain(stream))
+    }
+
+    /// A connection whose TLS handshake is done.
+    pub fn tls(stream: TlsStream<TcpStream>) -> Self {
+        Self::over(Stream::Tls(Box::new(stream)))
+    }
+
+    fn over(stream: Stream) -> Self {
         Conn {
             stream,
             buf: BytesMut::with_capacity(READ_MIN),
@@ -76,19 +103,29 @@ impl Conn {
 
     /// Whether an idle connection can take a request: the upstream has not closed it or
     /// sent anything unasked. Costs no syscall unless the socket became readable.
-    pub fn is_reusable_idle(&self) -> bool {
+    pub fn is_reusable_idle(&mut self) -> bool {
         if !self.buf.is_empty() {
             return false;
         }
         let waker = std::task::Waker::noop();
         let mut cx = Context::from_waker(waker);
-        match self.stream.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            // Readable while idle: EOF, a reset, or stray bytes. Only "would block" is fine.
-            Poll::Ready(Ok(())) => {
+        match &mut self.stream {
+            Stream::Plain(stream) => match stream.poll_read_ready(&mut cx) {
+                Poll::Pending => true,
+                Poll::Ready(Err(_)) => false,
+                // Readable while idle: EOF, a reset, or stray bytes. Only "would block" is fine.
+                Poll::Ready(Ok(())) => {
+                    let mut probe = [0u8; 1];
+                    matches!(stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+                }
+            },
+            // An idle TLS connection legitimately receives records (TLS 1.3 session
+            // tickets): rustls reads them, and only application data or a close counts. It
+            // reads the socket only when the socket is readable.
+            Stream::Tls(stream) => {
                 let mut probe = [0u8; 1];
-                matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+                let mut rb = ReadBuf::new(&mut probe);
+                Pin::new(&mut **stream).poll_read(&mut cx, &mut rb).is_pending()
             }
         }
     }
@@ -108,45 +145,16 @@ impl Conn {
         write_timeout: Option<Duration>,
         deadline: Option<(tokio::time::Instant, Duration)>,
     ) -> Result<(Response<()>, Framing, Self), ExchangeError> {
-        let timed_out = |read: Duration, sent_body| ExchangeError::Io {
-            error: io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("sent no response within {read:?}"),
-            ),
-            before_response: true,
-            wrote_head: true,
-            sent_body,
-        };
         let chunked = self.write_head(parts, body);
-        let head = write_all_vectored(&self.stream, &mut [IoSlice::new(&self.out)], write_timeout).await;
-        if let Err(error) = head {
-            return Err(ExchangeError::Io {
-                error,
-                before_response: true,
-                wrote_head: false,
-                sent_body: false,
-            });
-        }
-        let mut sent_body = false;
-        let mut answered_early = false;
-        if !body.is_end_stream() {
-            // An upstream may answer before it has read the whole body (a 413, a redirect)
-            // and stop reading: watch for its response while writing, or both sides wait.
-            let stream = &self.stream;
-            let mut probe = [0u8; 1];
-            let expiry = async {
-                match deadline {
-                    Some((d, _)) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                biased;
-                written = write_body(stream, body, chunked, &mut sent_body, write_timeout) => written?,
-                _ = stream.peek(&mut probe) => answered_early = true,
-                () = expiry => return Err(timed_out(deadline.map(|d| d.1).unwrap_or_default(), sent_body)),
+        let (sent_body, answered_early) = match &mut self.stream {
+            Stream::Plain(stream) => {
+                send_plain(stream, &self.out, body, chunked, write_timeout, deadline).await?
             }
-        }
+            Stream::Tls(stream) => {
+                let sent = send_tls(stream, &self.out, body, chunked, write_timeout, deadline).await?;
+                (sent, false)
+            }
+        };
         let head = self.read_head(&parts.method, sent_body);
         let (resp, mut framing) = match deadline {
             None => head.await?,
@@ -232,6 +240,151 @@ impl Conn {
             }
         }
     }
+}
+
+fn timed_out(read: Duration, sent_body: bool) -> ExchangeError {
+    ExchangeError::Io {
+        error: io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("sent no response within {read:?}"),
+        ),
+        before_response: true,
+        wrote_head: true,
+        sent_body,
+    }
+}
+
+async fn expiry(deadline: Option<(tokio::time::Instant, Duration)>) {
+    match deadline {
+        Some((d, _)) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Write the request over plain TCP; returns (part of the body was sent, the upstream
+/// answered before the whole body was written).
+async fn send_plain(
+    stream: &TcpStream,
+    head: &[u8],
+    body: &mut RequestBody,
+    chunked: bool,
+    write_timeout: Option<Duration>,
+    deadline: Option<(tokio::time::Instant, Duration)>,
+) -> Result<(bool, bool), ExchangeError> {
+    let written = write_all_vectored(stream, &mut [IoSlice::new(head)], write_timeout).await;
+    if let Err(error) = written {
+        return Err(ExchangeError::Io {
+            error,
+            before_response: true,
+            wrote_head: false,
+            sent_body: false,
+        });
+    }
+    let mut sent_body = false;
+    let mut answered_early = false;
+    if !body.is_end_stream() {
+        // An upstream may answer before it has read the whole body (a 413, a redirect)
+        // and stop reading: watch for its response while writing, or both sides wait.
+        let mut probe = [0u8; 1];
+        tokio::select! {
+            biased;
+            written = write_body(stream, body, chunked, &mut sent_body, write_timeout) => written?,
+            _ = stream.peek(&mut probe) => answered_early = true,
+            () = expiry(deadline) => return Err(timed_out(deadline.map(|d| d.1).unwrap_or_default(), sent_body)),
+        }
+    }
+    Ok((sent_body, answered_early))
+}
+
+/// Write the request through rustls; returns whether part of the body was sent. The socket
+/// is not watched for an early answer meanwhile (the TLS stream has one owner): an upstream
+/// that stops reading is cut off by the write or read timeout instead.
+async fn send_tls(
+    stream: &mut TlsStream<TcpStream>,
+    head: &[u8],
+    body: &mut RequestBody,
+    chunked: bool,
+    write_timeout: Option<Duration>,
+    deadline: Option<(tokio::time::Instant, Duration)>,
+) -> Result<bool, ExchangeError> {
+    if let Err(error) = write_tls(stream, head, write_timeout).await {
+        return Err(ExchangeError::Io {
+            error,
+            before_response: true,
+            wrote_head: false,
+            sent_body: false,
+        });
+    }
+    let mut sent_body = false;
+    if !body.is_end_stream() {
+        tokio::select! {
+            biased;
+            written = write_body_tls(stream, body, chunked, &mut sent_body, write_timeout) => written?,
+            () = expiry(deadline) => return Err(timed_out(deadline.map(|d| d.1).unwrap_or_default(), sent_body)),
+        }
+    }
+    Ok(sent_body)
+}
+
+/// Write and flush `data` as TLS records; the timer only matters when the socket is full.
+async fn write_tls(
+    stream: &mut TlsStream<TcpStream>,
+    data: &[u8],
+    timeout: Option<Duration>,
+) -> io::Result<()> {
+    let write = async {
+        stream.write_all(data).await?;
+        stream.flush().await
+    };
+    match timeout {
+        None => write.await,
+        Some(t) => tokio::time::timeout(t, write).await.map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the upstream took no more of the request for {t:?}"),
+            )
+        })?,
+    }
+}
+
+async fn write_body_tls(
+    stream: &mut TlsStream<TcpStream>,
+    body: &mut RequestBody,
+    chunked: bool,
+    sent_body: &mut bool,
+    timeout: Option<Duration>,
+) -> Result<(), ExchangeError> {
+    let io_err = |error| ExchangeError::Io {
+        error,
+        before_response: true,
+        wrote_head: true,
+        sent_body: true,
+    };
+    let mut framed = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(ExchangeError::Body)?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        *sent_body = true;
+        if chunked {
+            // One record for the chunk and its framing.
+            framed.clear();
+            framed.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+            framed.extend_from_slice(&data);
+            framed.extend_from_slice(b"\r\n");
+            write_tls(stream, &framed, timeout).await.map_err(io_err)?;
+        } else {
+            write_tls(stream, &data, timeout).await.map_err(io_err)?;
+        }
+    }
+    if chunked {
+        write_tls(stream, b"0\r\n\r\n", timeout).await.map_err(io_err)?;
+    }
+    Ok(())
 }
 
 /// Stream the client's body to the upstream, chunk-encoded or as is.
@@ -329,12 +482,12 @@ async fn write_all_vectored(
     Ok(())
 }
 
-async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut, size: &mut usize) -> io::Result<usize> {
+async fn read_more(stream: &mut Stream, buf: &mut BytesMut, size: &mut usize) -> io::Result<usize> {
     std::future::poll_fn(|cx| poll_read_more(stream, buf, size, cx)).await
 }
 
 fn poll_read_more(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
     size: &mut usize,
     cx: &mut Context<'_>,

@@ -120,6 +120,8 @@ pub struct TargetHealth {
     breaker: Option<Breaker>,
     /// Set once this worker runs the target's probe task.
     pub probing: AtomicBool,
+    /// How probes reach the target over TLS (the latest config's settings); None: plain.
+    tls: arc_swap::ArcSwapOption<crate::upstream_tls::TargetTls>,
 }
 
 impl TargetHealth {
@@ -148,7 +150,17 @@ impl TargetHealth {
                 }),
             breaker: breaker.map(|b| Breaker::new(BreakerSettings::from_config(b))),
             probing: AtomicBool::new(false),
+            tls: arc_swap::ArcSwapOption::empty(),
         }
+    }
+
+    /// The TLS settings probes use from now on (a reload may change them).
+    pub fn set_tls(&self, tls: Option<crate::upstream_tls::TargetTls>) {
+        self.tls.store(tls.map(Arc::new));
+    }
+
+    pub fn tls(&self) -> Option<Arc<crate::upstream_tls::TargetTls>> {
+        self.tls.load_full()
     }
 
     /// Whether the target may take a request at `now` (see [`ns_since_start`]).

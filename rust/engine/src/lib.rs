@@ -44,5 +44,7 @@ pub mod split;
 pub mod tls;
 pub mod trace;
 pub mod upstream;
+pub mod upstream_tls;
+pub mod waf;
 
 pub use engine::Engine;

@@ -151,6 +151,7 @@ impl Exporter {
                 .map_err(|e| match e {
                     SendError::Connect(io) => format!("cannot connect: {io}"),
                     SendError::ConnectTimeout => "connecting timed out".to_string(),
+                    SendError::Tls(e) => format!("TLS: {}", crate::upstream_tls::reason(&e)),
                     SendError::Exchange(x) => x.to_string(),
                 })?;
             let status = resp.status();

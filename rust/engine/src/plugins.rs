@@ -7,7 +7,7 @@
 
 use crate::error::GatewayError;
 use bytes::Bytes;
-use http::{HeaderMap, Method, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use serde::Deserialize;
 use std::any::Any;
 use std::future::Future;
@@ -75,6 +75,41 @@ pub struct RequestView<'a> {
     /// The request's trace when it is sampled: plugin hook spans are children of its
     /// server span.
     pub trace: Option<&'a crate::trace::TraceContext>,
+    /// Who the request is from when the data plane already knows (a client certificate an
+    /// `mtls` credential names), and which credential that was.
+    pub consumer: Option<&'a str>,
+    pub credential: Option<&'a str>,
+}
+
+/// How the chain changed a header map. Only the order of fields of one name carries
+/// meaning in HTTP (and in `HeaderMap`), so a change is exact when every name it touches
+/// is dropped whole and that name's new fields are appended in order.
+#[derive(Debug, PartialEq)]
+pub enum HeaderEdits {
+    /// The whole new set of fields.
+    Replace(HeaderMap),
+    /// Every field of each `remove` name goes, then `add` is appended in order; names
+    /// that neither list touches keep their fields as they were.
+    Diff {
+        remove: Vec<HeaderName>,
+        add: Vec<(HeaderName, HeaderValue)>,
+    },
+}
+
+impl HeaderEdits {
+    pub fn apply(self, headers: &mut HeaderMap) {
+        match self {
+            HeaderEdits::Replace(map) => *headers = map,
+            HeaderEdits::Diff { remove, add } => {
+                for name in &remove {
+                    headers.remove(name);
+                }
+                for (name, value) in add {
+                    headers.append(name, value);
+                }
+            }
+        }
+    }
 }
 
 /// Changes the chain made to the request; `None` fields are unchanged.
@@ -83,7 +118,7 @@ pub struct RequestEdits {
     pub method: Option<Method>,
     pub path: Option<String>,
     pub query: Option<String>,
-    pub headers: Option<HeaderMap>,
+    pub headers: Option<HeaderEdits>,
     pub body: Option<Bytes>,
     /// Who the request is from, as an authentication plugin established it.
     pub consumer: Option<String>,
@@ -96,6 +131,10 @@ pub struct EarlyResponse {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// Who the request was from, if a plugin had said so before answering (for the log
+    /// and metrics); `None` leaves what the data plane knew.
+    pub consumer: Option<String>,
+    pub credential: Option<String>,
 }
 
 #[derive(Debug)]
@@ -108,7 +147,7 @@ pub enum RequestDecision {
 #[derive(Debug, Default)]
 pub struct ResponseEdits {
     pub status: Option<StatusCode>,
-    pub headers: Option<HeaderMap>,
+    pub headers: Option<HeaderEdits>,
 }
 
 /// The host's per-request state (the plugins' view of the request and its `ctx`), opaque
@@ -211,5 +250,87 @@ mod tests {
         let minimal: ChainSpec = serde_json::from_str(r#"{"chain": 0, "request": "sync"}"#).unwrap();
         assert!(!minimal.crosses_response());
         assert_eq!(minimal.body_cap, 0);
+    }
+
+    fn map(fields: &[(&str, &str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (n, v) in fields {
+            m.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        m
+    }
+
+    fn diff(remove: &[&str], add: &[(&str, &str)]) -> HeaderEdits {
+        HeaderEdits::Diff {
+            remove: remove
+                .iter()
+                .map(|n| HeaderName::from_bytes(n.as_bytes()).unwrap())
+                .collect(),
+            add: add
+                .iter()
+                .map(|(n, v)| {
+                    (
+                        HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                        HeaderValue::from_str(v).unwrap(),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn values<'a>(m: &'a HeaderMap, name: &str) -> Vec<&'a str> {
+        m.get_all(name).iter().map(|v| v.to_str().unwrap()).collect()
+    }
+
+    #[test]
+    fn a_diff_keeps_untouched_fields_and_replaces_touched_names_in_order() {
+        let mut h = map(&[
+            ("host", "x"),
+            ("accept", "a"),
+            ("accept", "b"),
+            ("apikey", "k"),
+            ("via", "v"),
+        ]);
+        // one of two repeated fields removed (the other sent back), one name dropped, one
+        // value appended to a kept name, new names in order
+        diff(
+            &["accept", "apikey"],
+            &[
+                ("accept", "b"),
+                ("x-consumer", "c1"),
+                ("via", "w"),
+                ("x-consumer", "c2"),
+            ],
+        )
+        .apply(&mut h);
+        assert_eq!(values(&h, "host"), ["x"]);
+        assert_eq!(values(&h, "accept"), ["b"]);
+        assert!(!h.contains_key("apikey"));
+        assert_eq!(values(&h, "via"), ["v", "w"]);
+        assert_eq!(values(&h, "x-consumer"), ["c1", "c2"]);
+        assert_eq!(h.len(), 6);
+    }
+
+    #[test]
+    fn a_diff_sets_a_name_again_and_ignores_names_that_are_absent() {
+        let mut h = map(&[("a", "1"), ("a", "2"), ("b", "3")]);
+        diff(&["a", "missing"], &[("a", "9")]).apply(&mut h);
+        assert_eq!(values(&h, "a"), ["9"]);
+        assert_eq!(values(&h, "b"), ["3"]);
+        // removing every name leaves nothing, as clearing does
+        diff(&["a", "b"], &[]).apply(&mut h);
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn a_replacement_is_the_whole_new_set() {
+        let mut h = map(&[("a", "1"), ("b", "2")]);
+        HeaderEdits::Replace(map(&[("c", "3"), ("c", "4")])).apply(&mut h);
+        assert_eq!(h, map(&[("c", "3"), ("c", "4")]));
+        HeaderEdits::Replace(HeaderMap::new()).apply(&mut h);
+        assert!(h.is_empty());
     }
 }

@@ -7,6 +7,7 @@
 
 use crate::body::RequestBody;
 use crate::h1client::{Conn, ExchangeError, Recycle, UpstreamBody};
+use crate::upstream_tls::TargetTls;
 use http::{request, Method, Response};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -40,7 +41,11 @@ struct IdleConn {
 pub struct ConnPool {
     address: String,
     pub settings: PoolSettings,
+    /// None: plain HTTP.
+    pub tls: Option<TargetTls>,
     idle: Mutex<Vec<IdleConn>>,
+    /// When a TLS failure was last logged (ns on the health clock), to log one a second.
+    tls_logged: std::sync::atomic::AtomicU64,
 }
 
 /// Why a request could not be sent or answered. A read or write timeout is an
@@ -49,6 +54,9 @@ pub struct ConnPool {
 pub enum SendError {
     Connect(std::io::Error),
     ConnectTimeout,
+    /// The TLS handshake failed (the target's certificate was refused, or it refused ours);
+    /// the error's inner value is the `rustls::Error` (see `upstream_tls::reason`).
+    Tls(std::io::Error),
     Exchange(ExchangeError),
 }
 
@@ -69,6 +77,22 @@ impl Recycle for ConnPool {
     }
 }
 
+/// A new connection to `address`, with its TLS handshake when `tls` is given; `timeout`
+/// bounds both.
+pub async fn connect(address: &str, tls: Option<&TargetTls>, timeout: Duration) -> Result<Conn, SendError> {
+    let opened = async {
+        let stream = TcpStream::connect(address).await.map_err(SendError::Connect)?;
+        let _ = stream.set_nodelay(true);
+        match tls {
+            None => Ok(Conn::new(stream)),
+            Some(tls) => Ok(Conn::tls(tls.connect(stream).await.map_err(SendError::Tls)?)),
+        }
+    };
+    tokio::time::timeout(timeout, opened)
+        .await
+        .map_err(|_| SendError::ConnectTimeout)?
+}
+
 /// Methods that may be sent again when a reused connection turns out dead under them
 /// (RFC 9110 §9.2.2), as nginx does.
 fn idempotent(m: &Method) -> bool {
@@ -80,17 +104,36 @@ fn idempotent(m: &Method) -> bool {
 
 impl ConnPool {
     pub fn new(address: &str, settings: PoolSettings) -> Arc<Self> {
+        Self::with_tls(address, settings, None)
+    }
+
+    /// A pool whose connections speak TLS when `tls` is given.
+    pub fn with_tls(address: &str, settings: PoolSettings, tls: Option<TargetTls>) -> Arc<Self> {
         Arc::new(ConnPool {
             address: address.to_string(),
             settings,
+            tls,
             idle: Mutex::new(Vec::new()),
+            tls_logged: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Whether a TLS failure at `now` (ns) should be logged: at most one a second, since
+    /// every request to a target with a bad certificate fails the same way.
+    pub fn log_tls_failure(&self, now: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        let last = self.tls_logged.load(Ordering::Relaxed);
+        (last == 0 || now.saturating_sub(last) >= 1_000_000_000)
+            && self
+                .tls_logged
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     fn take(&self) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        while let Some(c) = idle.pop() {
+        while let Some(mut c) = idle.pop() {
             if now.duration_since(c.since) < self.settings.keepalive_timeout && c.conn.is_reusable_idle() {
                 return Some(c.conn);
             }
@@ -104,12 +147,7 @@ impl ConnPool {
     }
 
     async fn connect(&self, timeout: Duration) -> Result<Conn, SendError> {
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(&self.address))
-            .await
-            .map_err(|_| SendError::ConnectTimeout)?
-            .map_err(SendError::Connect)?;
-        let _ = stream.set_nodelay(true);
-        Ok(Conn::new(stream))
+        connect(&self.address, self.tls.as_ref(), timeout).await
     }
 
     /// Send a request on an idle connection or a new one and wait for the response head;

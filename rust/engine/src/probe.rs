@@ -16,11 +16,12 @@
 use crate::balancer::hash64;
 use crate::body::RequestBody;
 use crate::config::ActiveHealthConfig;
-use crate::h1client::Conn;
 use crate::health::{StatusSet, TargetHealth};
+use crate::pool::SendError;
 use crate::server::log_event;
 use crate::shm::{monotonic_ns, Mapping};
 use crate::upstream::secs;
+use crate::upstream_tls::TargetTls;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Uri};
 use std::io;
@@ -28,7 +29,6 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
-use tokio::net::TcpStream;
 
 /// Slots probed for a key before the board counts as full.
 const PROBE: usize = 8;
@@ -212,7 +212,11 @@ pub fn start(health: &Arc<TargetHealth>, board: Option<&Arc<HealthBoard>>) {
         return;
     }
     let settings = ProbeSettings::from_config(cfg);
-    let key = settings.key(&health.address);
+    // A target probed over TLS and the same address probed in plain HTTP are two probes.
+    let key = match health.tls() {
+        None => settings.key(&health.address),
+        Some(_) => settings.key(&format!("https://{}", health.address)),
+    };
     let keep = keep_for(&settings);
     let now = monotonic_ns();
     let place = board
@@ -240,7 +244,7 @@ async fn run(health: Weak<TargetHealth>, settings: ProbeSettings, place: Place) 
                 .compare_exchange(due, now + interval_ns, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
         {
-            let result = probe(&h.address, &settings).await;
+            let result = probe(&h.address, h.tls().as_deref(), &settings).await;
             let ok = matches!(result, Ok(s) if settings.statuses.contains(s));
             let mut old = slot.state.load(Ordering::Acquire);
             let new = loop {
@@ -282,13 +286,18 @@ fn jitter_ns() -> u64 {
     crate::headers::next_u64() % 5_000_000
 }
 
-/// One probe: a GET on a fresh connection; the status, or why there is none.
-async fn probe(address: &str, s: &ProbeSettings) -> Result<u16, String> {
+/// One probe: a GET on a fresh connection (over TLS with the target's settings); the
+/// status, or why there is none.
+async fn probe(address: &str, tls: Option<&TargetTls>, s: &ProbeSettings) -> Result<u16, String> {
     let exchange = async {
-        let stream = TcpStream::connect(address)
+        let conn = crate::pool::connect(address, tls, s.timeout)
             .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let _ = stream.set_nodelay(true);
+            .map_err(|e| match e {
+                SendError::Connect(e) => format!("connect: {e}"),
+                SendError::Tls(e) => format!("tls: {}", crate::upstream_tls::reason(&e)),
+                SendError::ConnectTimeout => "connect: timed out".to_string(),
+                SendError::Exchange(e) => e.to_string(),
+            })?;
         let host = s.host.as_deref().unwrap_or(address);
         let req = Request::builder()
             .method(Method::GET)
@@ -303,7 +312,7 @@ async fn probe(address: &str, s: &ProbeSettings) -> Result<u16, String> {
             .map_err(|e| e.to_string())?;
         let (parts, ()) = req.into_parts();
         let mut body = RequestBody::buffered(Bytes::new());
-        let (resp, _, _) = Conn::new(stream)
+        let (resp, _, _) = conn
             .exchange(&parts, &mut body, Some(s.timeout), None)
             .await
             .map_err(|e| e.to_string())?;

@@ -207,6 +207,8 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
     // Limits on the head, then the path that routing, plugins and the upstream see.
     crate::head_limits::check(&parts, &engine.limits)?;
+    // The WAF inspects the target as the client sent it: encodings and dot segments are evidence.
+    let raw_uri = engine.waf.is_some().then(|| parts.uri.clone());
     crate::path_normalize::normalize_uri(&mut parts.uri)?;
 
     // phase: route
@@ -277,6 +279,17 @@ async fn forward(
     if limited && !count_late {
         count_request(engine, tables, ctx, &route, &parts).await?;
     }
+    // The WAF (`waf.rs`): head first, then the body, all before any plugin or the upstream.
+    let waf = match (engine.waf.as_ref().and_then(|w| w.profile(route.index)), &raw_uri) {
+        (Some(profile), Some(raw)) => Some(crate::waf::begin(
+            profile,
+            ctx,
+            &engine.trusted_proxies,
+            raw,
+            &parts,
+        )?),
+        _ => None,
+    };
     let mut client_body = match &ctx.plugins {
         Some(run) if run.spec.request_body => {
             let cap = match (run.spec.body_cap, engine.limits.max_body_bytes) {
@@ -290,6 +303,26 @@ async fn forward(
             ClientBody::Stream(body, first)
         }
     };
+    if let Some(inspection) = waf {
+        let read = match &mut client_body {
+            ClientBody::Whole(b) => b.clone(),
+            ClientBody::Stream(incoming, first) if first.is_some() || !incoming.is_end_stream() => {
+                let limit = inspection.profile().body_limit;
+                let read = crate::waf::read_prefix(
+                    first.take(),
+                    incoming,
+                    limit,
+                    engine.limits.max_body_bytes,
+                    upstream.read_timeout,
+                )
+                .await?;
+                *first = (!read.is_empty()).then(|| Frame::data(read.clone()));
+                read
+            }
+            ClientBody::Stream(..) => Bytes::new(),
+        };
+        crate::waf::inspect_body(inspection, &read, ctx)?;
+    }
     if let (ClientBody::Whole(b), n @ 1..) = (&client_body, ctx.capture_body_cap) {
         // The body as the client sent it, before any plugin changed it.
         if !b.is_empty() {
@@ -535,6 +568,8 @@ async fn request_plugins(
             scheme: ctx.scheme,
             http_version: version_str(parts.version),
             trace: ctx.trace.as_ref().filter(|t| t.sampled),
+            consumer: ctx.consumer.as_deref(),
+            credential: ctx.credential.as_deref(),
         };
         let (state, hook) = run.host.on_request(run.spec.chain, run.spec.request, &view);
         run.state = state;
@@ -542,6 +577,14 @@ async fn request_plugins(
     };
     match hook.wait().await? {
         RequestDecision::Respond(early) => {
+            // A plugin that identified the client before answering: the log and metrics
+            // count the answer against that consumer.
+            if early.consumer.is_some() {
+                ctx.consumer = early.consumer;
+            }
+            if early.credential.is_some() {
+                ctx.credential = early.credential;
+            }
             let mut resp = Response::new(ResponseBody::full(early.body));
             *resp.status_mut() = early.status;
             *resp.headers_mut() = early.headers;
@@ -559,7 +602,7 @@ async fn request_plugins(
                 parts.method = m;
             }
             if let Some(h) = edits.headers {
-                parts.headers = h;
+                h.apply(&mut parts.headers);
             }
             if let Some(b) = edits.body {
                 *body = ClientBody::Whole(b);
@@ -654,7 +697,7 @@ fn apply_response_edits(parts: &mut response::Parts, edits: ResponseEdits) {
         parts.status = s;
     }
     if let Some(h) = edits.headers {
-        parts.headers = h;
+        h.apply(&mut parts.headers);
     }
 }
 

@@ -242,7 +242,7 @@ fn read(path: &str) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))
 }
 
-fn load_chain(path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+pub(crate) fn load_chain(path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     let bytes = read(path)?;
     let chain = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
@@ -258,7 +258,7 @@ fn load_chain(path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(chain)
 }
 
-fn load_key(path: &str) -> Result<PrivateKeyDer<'static>, String> {
+pub(crate) fn load_key(path: &str) -> Result<PrivateKeyDer<'static>, String> {
     let bytes = read(path)?;
     PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| match e {
         rustls::pki_types::pem::Error::NoItemsFound => {

@@ -5,6 +5,7 @@ use crate::config::{ConfigProblem, HashSource, RouteTimeouts, Timeouts, Upstream
 use crate::health::{Availability, BreakerTicket, TargetHealth};
 use crate::pool::{AttemptTimeouts, ConnPool, PoolSettings};
 use crate::retry::{RetryBudget, RetryPolicy};
+use crate::upstream_tls::UpstreamTls;
 use bytes::Bytes;
 use http::uri::Authority;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -175,8 +176,25 @@ impl Upstream {
             keepalive_timeout: secs(cfg.keepalive_timeout),
             connect_timeout: secs(connect),
         };
+        let tls = match &cfg.tls {
+            None => None,
+            Some(t) => UpstreamTls::build(t, &format!("upstreams.{name}.tls"))
+                .map_err(|mut p| problems.append(&mut p))
+                .ok(),
+        };
         let mut targets = Vec::new();
         for (i, t) in cfg.targets.iter().enumerate() {
+            let target_tls = match tls.as_ref().map(|tls| tls.for_target(&t.address)) {
+                None => None,
+                Some(Ok(tt)) => Some(tt),
+                Some(Err(e)) => {
+                    problems.push(ConfigProblem::new(
+                        format!("upstreams.{name}.targets[{i}]"),
+                        format!("cannot be reached over TLS: {e}"),
+                    ));
+                    continue;
+                }
+            };
             match t.address.parse::<Authority>() {
                 Ok(a) if a.port_u16().is_some() => targets.push(Target {
                     address: t.address.clone(),
@@ -185,16 +203,25 @@ impl Upstream {
                         .expect("an authority is a valid header value"),
                     weight: t.weight.max(1),
                     stats: Arc::default(),
+                    // A pool stays warm across a reload only with the same TLS settings and
+                    // files: new ones apply to new connections.
                     pool: reuse(&t.address, &settings)
-                        .unwrap_or_else(|| ConnPool::new(&t.address, settings.clone())),
-                    health: reuse_health(&t.address).unwrap_or_else(|| {
-                        Arc::new(TargetHealth::new(
-                            name,
-                            &t.address,
-                            &cfg.health,
-                            cfg.breaker.as_ref(),
-                        ))
-                    }),
+                        .filter(|p| p.tls == target_tls)
+                        .unwrap_or_else(|| {
+                            ConnPool::with_tls(&t.address, settings.clone(), target_tls.clone())
+                        }),
+                    health: {
+                        let health = reuse_health(&t.address).unwrap_or_else(|| {
+                            Arc::new(TargetHealth::new(
+                                name,
+                                &t.address,
+                                &cfg.health,
+                                cfg.breaker.as_ref(),
+                            ))
+                        });
+                        health.set_tls(target_tls);
+                        health
+                    },
                 }),
                 _ => problems.push(ConfigProblem::new(
                     format!("upstreams.{name}.targets[{i}]"),

@@ -9,7 +9,7 @@
 use bytes::Bytes;
 use ferrogate_engine::error::{ErrorKind, GatewayError};
 use ferrogate_engine::plugins::{
-    EarlyResponse, Hook, HookMode, HookResult, HostLoader, LogRecord, PluginHost, PluginState,
+    EarlyResponse, HeaderEdits, Hook, HookMode, HookResult, HostLoader, LogRecord, PluginHost, PluginState,
     RequestDecision, RequestEdits, RequestView, ResponseEdits,
 };
 use ferrogate_engine::server::log_event;
@@ -154,37 +154,76 @@ fn header_map(list: &Bound<'_, PyAny>) -> HookResult<HeaderMap> {
         .map_err(|_| invalid("headers that are not a list"))?;
     let mut map = HeaderMap::with_capacity(list.len());
     for item in list.iter() {
-        let pair = item
-            .cast::<PyTuple>()
-            .ok()
-            .filter(|t| t.len() == 2)
-            .ok_or_else(|| invalid("a header that is not a (name, value) pair"))?;
-        let text = |i: usize| -> HookResult<Bound<'_, PyString>> {
-            pair.get_item(i)
-                .ok()
-                .and_then(|v| v.cast_into::<PyString>().ok())
-                .ok_or_else(|| invalid("a header name or value that is not a str"))
-        };
-        let (name, value) = (text(0)?, text(1)?);
-        // Borrowed UTF-8 views: no copy until the header map takes the bytes.
-        let name = name
-            .to_str()
-            .map_err(|_| invalid("a header name that is not text"))?;
-        let value = value
-            .to_str()
-            .map_err(|_| invalid("a header value that is not text"))?;
-        let hname = HeaderName::from_bytes(name.as_bytes())
-            .map_err(|_| invalid(format_args!("an invalid header name {name:?}")))?;
-        let hvalue = if value.is_ascii() {
-            HeaderValue::from_str(value).ok()
-        } else {
-            let bytes: Option<Vec<u8>> = value.chars().map(|c| u8::try_from(c as u32).ok()).collect();
-            bytes.and_then(|b| HeaderValue::from_bytes(&b).ok())
-        }
-        .ok_or_else(|| invalid(format_args!("an invalid value for header {name:?}")))?;
-        map.append(hname, hvalue);
+        let (name, value) = header_field(&item)?;
+        map.append(name, value);
     }
     Ok(map)
+}
+
+/// Header changes: a list is the whole new set; `(removed names, added fields)` is a diff
+/// against the fields the chain was given (see `hooks.py`).
+fn header_edits(h: &Bound<'_, PyAny>) -> HookResult<HeaderEdits> {
+    let Ok(diff) = h.cast::<PyTuple>() else {
+        return header_map(h).map(HeaderEdits::Replace);
+    };
+    let (removed, added) = match (diff.len(), diff.get_item(0), diff.get_item(1)) {
+        (2, Ok(r), Ok(a)) => (r, a),
+        _ => return Err(invalid("a header diff that is not a (removed, added) pair")),
+    };
+    let removed = removed
+        .cast_into::<PyList>()
+        .map_err(|_| invalid("removed header names that are not a list"))?;
+    let added = added
+        .cast_into::<PyList>()
+        .map_err(|_| invalid("added headers that are not a list"))?;
+    let mut remove = Vec::with_capacity(removed.len());
+    for name in removed.iter() {
+        let name = name
+            .cast_into::<PyString>()
+            .map_err(|_| invalid("a header name that is not a str"))?;
+        // A name no header can have (a plugin may add, then remove, anything) is in no map.
+        if let Ok(n) = HeaderName::from_bytes(name.to_str().unwrap_or("").as_bytes()) {
+            remove.push(n);
+        }
+    }
+    let mut add = Vec::with_capacity(added.len());
+    for item in added.iter() {
+        add.push(header_field(&item)?);
+    }
+    Ok(HeaderEdits::Diff { remove, add })
+}
+
+/// One `(name, value)` pair of str.
+fn header_field(item: &Bound<'_, PyAny>) -> HookResult<(HeaderName, HeaderValue)> {
+    let pair = item
+        .cast::<PyTuple>()
+        .ok()
+        .filter(|t| t.len() == 2)
+        .ok_or_else(|| invalid("a header that is not a (name, value) pair"))?;
+    let text = |i: usize| -> HookResult<Bound<'_, PyString>> {
+        pair.get_item(i)
+            .ok()
+            .and_then(|v| v.cast_into::<PyString>().ok())
+            .ok_or_else(|| invalid("a header name or value that is not a str"))
+    };
+    let (name, value) = (text(0)?, text(1)?);
+    // Borrowed UTF-8 views: no copy until the header map takes the bytes.
+    let name = name
+        .to_str()
+        .map_err(|_| invalid("a header name that is not text"))?;
+    let value = value
+        .to_str()
+        .map_err(|_| invalid("a header value that is not text"))?;
+    let hname = HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| invalid(format_args!("an invalid header name {name:?}")))?;
+    let hvalue = if value.is_ascii() {
+        HeaderValue::from_str(value).ok()
+    } else {
+        let bytes: Option<Vec<u8>> = value.chars().map(|c| u8::try_from(c as u32).ok()).collect();
+        bytes.and_then(|b| HeaderValue::from_bytes(&b).ok())
+    }
+    .ok_or_else(|| invalid(format_args!("an invalid value for header {name:?}")))?;
+    Ok((hname, hvalue))
 }
 
 fn status_code(v: &Bound<'_, PyAny>) -> HookResult<StatusCode> {
@@ -222,10 +261,17 @@ fn request_decision(d: &Bound<'_, PyAny>) -> HookResult<RequestDecision> {
         let status = status_code(&t.get_item(1).map_err(|_| invalid("a short decision"))?)?;
         let headers = header_map(&t.get_item(2).map_err(|_| invalid("a short decision"))?)?;
         let body = bytes_of(&t.get_item(3).map_err(|_| invalid("a short decision"))?)?;
+        let (consumer, credential) = if t.len() > 5 {
+            (consumer_of(opt(t, 4)?)?, consumer_of(opt(t, 5)?)?)
+        } else {
+            (None, None)
+        };
         return Ok(RequestDecision::Respond(EarlyResponse {
             status,
             headers,
             body,
+            consumer,
+            credential,
         }));
     }
     let mut edits = RequestEdits::default();
@@ -248,20 +294,25 @@ fn request_decision(d: &Bound<'_, PyAny>) -> HookResult<RequestDecision> {
         edits.query = Some(q.extract().map_err(|_| invalid("a query that is not a str"))?);
     }
     if let Some(h) = opt(t, 4)? {
-        edits.headers = Some(header_map(&h)?);
+        edits.headers = Some(header_edits(&h)?);
     }
     if let Some(b) = opt(t, 5)? {
         edits.body = Some(bytes_of(&b)?);
     }
     if t.len() > 7 {
-        let text = |v: Bound<'_, PyAny>| {
-            v.extract::<String>()
-                .map_err(|_| invalid("a consumer that is not a str"))
-        };
-        edits.consumer = opt(t, 6)?.map(text).transpose()?;
-        edits.credential = opt(t, 7)?.map(text).transpose()?;
+        edits.consumer = consumer_of(opt(t, 6)?)?;
+        edits.credential = consumer_of(opt(t, 7)?)?;
     }
     Ok(RequestDecision::Continue(edits))
+}
+
+/// A consumer or credential name of a decision (`None` when unchanged).
+fn consumer_of(v: Option<Bound<'_, PyAny>>) -> HookResult<Option<String>> {
+    v.map(|v| {
+        v.extract::<String>()
+            .map_err(|_| invalid("a consumer that is not a str"))
+    })
+    .transpose()
 }
 
 fn bytes_of(b: &Bound<'_, PyAny>) -> HookResult<Bytes> {
@@ -280,7 +331,7 @@ fn response_edits(d: &Bound<'_, PyAny>) -> HookResult<ResponseEdits> {
         .map_err(|_| invalid("a decision that is not a tuple"))?;
     Ok(ResponseEdits {
         status: opt(t, 0)?.map(|s| status_code(&s)).transpose()?,
-        headers: opt(t, 1)?.map(|h| header_map(&h)).transpose()?,
+        headers: opt(t, 1)?.map(|h| header_edits(&h)).transpose()?,
     })
 }
 
@@ -357,6 +408,8 @@ impl PluginHost for PyHost {
                 view.scheme,
                 view.http_version,
                 span,
+                view.consumer,
+                view.credential,
             );
             let host = self.host.bind(py);
             match mode {
