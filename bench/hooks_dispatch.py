@@ -29,8 +29,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-REQUEST_HEADERS = b"host:x\naccept:*/*\nuser-agent:curl\n"
-RESPONSE_HEADERS = b"content-type:text/plain\ncontent-length:5\n"
+# as the data plane sends them: latin-1 text, a newline first
+REQUEST_HEADERS = "\nhost:x\naccept:*/*\nuser-agent:curl\n"
+RESPONSE_HEADERS = "\ncontent-type:text/plain\ncontent-length:5\n"
 META = ("req-1", "127.0.0.1", "r", "x", "http", "HTTP/1.1", None, None, None)
 CHUNK = b"x" * 1024
 

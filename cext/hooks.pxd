@@ -36,14 +36,37 @@ cdef class _Fields:
 
 
 cdef class Headers(_Fields):
-    cdef public object _blob
+    cdef public str _text
+    cdef public list _extra
+    cdef public bint _gone
 
     @cython.locals(key=object)
     cpdef _key(self, name)
-    @cython.locals(items=list, blob=bytes, lines=list, line=str)
+    @cython.locals(items=list, text=str, dirty=dict, line=str, field=list, extra=list)
     cpdef list _fields(self)
-    @cython.locals(fields=list, dirty=dict, added=list)
+    @cython.locals(needle=str)
+    cpdef bint _holds(self, key) except -1
+    @cython.locals(extra=list, kept=list)
+    cpdef bint _take_extra(self, key) except -1
+    @cython.locals(dirty=dict, needle=str, text=str, at=Py_ssize_t, end=Py_ssize_t,
+                   field=list)
+    cpdef get(self, name, default=*)
+    @cython.locals(dirty=dict, needle=str, text=str, at=Py_ssize_t, end=Py_ssize_t,
+                   out=list)
+    cpdef list getall(self, name)
+    @cython.locals(dirty=dict)
+    cpdef add(self, name, value)
+    @cython.locals(dirty=dict)
+    cpdef bint remove(self, name) except -1
+    @cython.locals(fields=list, dirty=dict, added=list, text=str, needle=str,
+                   touched=Py_ssize_t)
     cpdef _wire(self)
+
+
+cdef dict _NEEDLES
+
+@cython.locals(needle=str)
+cpdef str _needle(key)
 
 
 cdef class Params(_Fields):
@@ -166,7 +189,7 @@ cpdef run_chunk(Chain chain, Request req, Response resp, chunk, last)
 @cython.locals(slot=Slot, start=cython.longlong)
 cpdef run_log(Chain chain, Request req, LogInfo info, loop=*)
 
-@cython.locals(h=Headers)
+@cython.locals(h=Headers, text=str)
 cpdef Headers _wire_headers(blob)
 
 @cython.locals(r=Response)

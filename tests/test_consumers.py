@@ -4,9 +4,12 @@ authentication plugins look credentials up in."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import stat
 from pathlib import Path
+
+import pytest
 
 from ferrogate.config import load_config
 from ferrogate.consumers import Registry, hash_key, hash_password, verify_password
@@ -146,3 +149,16 @@ def test_the_runtime_file_with_secrets_is_readable_by_the_gateway_user_only(
     assert KEY not in text
     assert json.loads(text)["consumers"]["alice"]["credentials"][0]["key_sha256"] == hash_key(KEY)
     assert gw.get("/").status_code == 200
+
+
+@pytest.mark.parametrize("key", ["", "bench-key-4f3a2b1c0d9e8f7a", "caf\xe9", "\u2603", "k" * 200])
+def test_api_keys_hash_as_hashlib_sha256_does(key: str) -> None:
+    # Keys stored by one release are looked up by the next: the digest must never change.
+    assert hash_key(key) == hashlib.sha256(key.encode()).hexdigest()
+
+
+def test_hashing_a_key_that_is_not_text_fails() -> None:
+    with pytest.raises(UnicodeEncodeError):
+        hash_key("\ud800")
+    with pytest.raises(TypeError):
+        hash_key(b"bytes")  # type: ignore[arg-type]

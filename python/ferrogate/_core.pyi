@@ -7,7 +7,15 @@ sizes as integer bytes, hash_on as an object.
 
 from collections.abc import Callable
 
-__all__ = ["__version__", "check_config", "record_span", "route_table", "serve", "serve_echo"]
+__all__ = [
+    "__version__",
+    "check_config",
+    "record_span",
+    "route_table",
+    "serve",
+    "serve_echo",
+    "sha256_hex",
+]
 __version__: str
 
 def check_config(config_json: str) -> list[tuple[str, str]]:
@@ -73,3 +81,7 @@ def record_span(
     run of a sampled request. Returns False when tracing is off in this process or its export
     queue is full (the span is dropped and counted).
     """
+
+def sha256_hex(text: str) -> str:
+    """SHA-256 of ``text``'s UTF-8 bytes in lower-case hex (``hashlib.sha256(text.encode())
+    .hexdigest()`` in one call)."""

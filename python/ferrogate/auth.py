@@ -84,7 +84,6 @@ ACL_PRIORITY: Final = 950
 CONSUMER_HEADER: Final = "x-consumer-username"
 CREDENTIAL_HEADER: Final = "x-credential-identifier"
 ANONYMOUS_HEADER: Final = "x-anonymous-consumer"
-_UPSTREAM_HEADERS = (CONSUMER_HEADER, CREDENTIAL_HEADER, ANONYMOUS_HEADER)
 
 _ANONYMOUS = "auth.anonymous"
 """``req.ctx`` key: True while the request's consumer is the anonymous fallback."""
@@ -193,13 +192,6 @@ def skip(req: Request, config: AuthConfig) -> bool:
     )
 
 
-def _clear_upstream_headers(req: Request) -> Headers:
-    headers = req.headers
-    for name in _UPSTREAM_HEADERS:
-        headers.remove(name)
-    return headers
-
-
 def identify(req: Request, credential: Credential, config: AuthConfig) -> None:
     """The request is from ``credential``'s consumer: set ``req.consumer`` and
     ``req.credential`` (the credential's id, never a secret) and the upstream headers."""
@@ -208,9 +200,11 @@ def identify(req: Request, credential: Credential, config: AuthConfig) -> None:
     # Absent reads as False; an empty ctx stays unallocated.
     req.ctx.pop(_ANONYMOUS, None)
     if config.upstream_headers:
-        headers = _clear_upstream_headers(req)
-        headers.add(CONSUMER_HEADER, credential.consumer)
-        headers.add(CREDENTIAL_HEADER, credential.id)
+        # Setting replaces every field of the name the client sent.
+        headers = req.headers
+        headers.remove(ANONYMOUS_HEADER)
+        headers[CONSUMER_HEADER] = credential.consumer
+        headers[CREDENTIAL_HEADER] = credential.id
 
 
 def fallback(req: Request, config: AuthConfig, refusal: Response) -> Response | None:
@@ -226,9 +220,10 @@ def fallback(req: Request, config: AuthConfig, refusal: Response) -> Response | 
     req.credential = None
     req.ctx[_ANONYMOUS] = True
     if config.upstream_headers:
-        headers = _clear_upstream_headers(req)
-        headers.add(CONSUMER_HEADER, name)
-        headers.add(ANONYMOUS_HEADER, "true")
+        headers = req.headers
+        headers.remove(CREDENTIAL_HEADER)
+        headers[CONSUMER_HEADER] = name
+        headers[ANONYMOUS_HEADER] = "true"
     return None
 
 

@@ -28,6 +28,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from ferrogate._core import sha256_hex
 from ferrogate.problems import DataPath
 
 __all__ = [
@@ -125,9 +126,10 @@ _SCRYPT = {"n": 1 << 14, "r": 8, "p": 1}
 _HASH = re.compile(r"^scrypt\$(\d+)\$(\d+)\$(\d+)\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)$")
 
 
-def hash_key(key: str) -> str:
-    """The stored form of an API key."""
-    return hashlib.sha256(key.encode()).hexdigest()
+hash_key: Callable[[str], str] = sha256_hex
+"""The stored form of an API key: the SHA-256 of its UTF-8 bytes, in lower-case hex.
+(``_core``'s, as ``hashlib`` computes it but in one call: key-auth hashes every request's
+key.)"""
 
 
 def hash_password(password: str, *, salt: bytes | None = None) -> str:

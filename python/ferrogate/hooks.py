@@ -6,8 +6,9 @@ plain values; nothing here knows about Rust. This module is compiled with Cython
 wheel is built (``cext/``); it is also plain Python and runs as such when not compiled.
 
 Wire formats at the boundary:
-- headers in: one ``bytes`` blob, ``name:value\\n`` per field (names lower-case), parsed only
-  when a plugin first touches ``headers``;
+- headers in: one ``str``, a newline then ``name:value\\n`` per field (names lower-case,
+  each character one byte of the field, as latin-1), searched by ``get`` and parsed only
+  when a plugin needs the fields as a list (``bytes`` in that form is accepted too);
 - headers out, only when a plugin changed them: a list of ``(name, value)`` str pairs, the
   whole new set; or, when that carries fewer fields (some were left untouched), a diff
   against the fields handed in:
@@ -200,16 +201,28 @@ class _Fields:
 
 class Headers(_Fields):
     """HTTP header fields: a case-insensitive multi-dict that keeps order (see ``_Fields``).
-    Names are stored lower-case, as HTTP/2 sends them; fields that arrive from the data
-    plane are parsed only when a plugin first looks at them.
+    Names are stored lower-case, as HTTP/2 sends them.
+
+    Fields that arrive from the data plane stay in its blob (``_text``, decoded) until a
+    plugin needs them as a list: ``get``, ``getall`` and ``in`` search the text, and
+    ``remove``, setting, and ``add`` of a name the text does not hold are kept beside it
+    (``_extra``). The fields are then the text's, less those of the names in ``_dirty``,
+    followed by ``_extra``: a touched name has all its fields there. Iterating, ``rename``
+    and ``add`` to a name the text holds (its new field goes after those, wherever they
+    are) parse the text first.
     """
 
-    __slots__ = ("_blob",)
+    __slots__ = ("_extra", "_gone", "_text")
+
+    _gone: bool
+    """Whether a field of the text is gone (its name was removed or set)."""
 
     def __init__(
         self, items: "Mapping[str, str] | Iterable[tuple[str, str]] | None" = None
     ) -> None:
-        self._blob: bytes | None = None
+        self._text = ""
+        self._extra: list[list[str]] | None = None
+        self._gone = False
         self._items = []
         self._dirty = None
         self.changed = False
@@ -230,24 +243,147 @@ class Headers(_Fields):
         items = self._items
         if items is None:
             items = []
-            blob = self._blob
-            if blob:
-                # Every line is `name:value` (the value may hold more colons); the blob
-                # ends with a newline, so the last piece is empty.
-                lines = blob.decode("latin-1").split("\n")
-                if not lines[-1]:
-                    del lines[-1]
-                for line in lines:
-                    items.append(line.split(":", 1))
+            text = self._text
+            dirty = self._dirty
+            if text:
+                # Every line is `name:value` (the value may hold more colons); the text
+                # starts and ends with a newline, so the first and last pieces are empty.
+                for line in text.split("\n"):
+                    if line:
+                        field = line.split(":", 1)
+                        if dirty is None or field[0] not in dirty:
+                            items.append(field)
+            extra = self._extra
+            if extra is not None:
+                items.extend(extra)
             self._items = items
-            self._blob = None
+            self._text = ""
+            self._extra = None
         return items
+
+    def _holds(self, key: str) -> bool:
+        needle = _needle(key)
+        return needle is not None and needle in self._text
+
+    def _take_extra(self, key: str) -> bool:
+        """Drop the fields named ``key`` from ``_extra``; True if there was one."""
+        extra = self._extra
+        if not extra:
+            return False
+        kept = [f for f in extra if f[0] != key]
+        self._extra = kept
+        return len(kept) != len(extra)
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        key = self._key(name)
+        if self._items is None:
+            dirty = self._dirty
+            if dirty is None or key not in dirty:
+                needle = _needle(key)
+                if needle is None:
+                    return default
+                text = self._text
+                at = text.find(needle)
+                if at < 0:
+                    return default
+                at += len(needle)
+                end = text.find("\n", at)
+                if end < 0:
+                    end = len(text)
+                return text[at:end]
+            if self._extra is not None:
+                for field in self._extra:
+                    if field[0] == key:
+                        return field[1]
+            return default
+        return _Fields.get(self, name, default)
+
+    def getall(self, name: str) -> list[str]:
+        key = self._key(name)
+        if self._items is None:
+            dirty = self._dirty
+            if dirty is not None and key in dirty:
+                return [f[1] for f in self._extra or () if f[0] == key]
+            out = []
+            needle = _needle(key)
+            if needle is not None:
+                text = self._text
+                at = text.find(needle)
+                while at >= 0:
+                    at += len(needle)
+                    end = text.find("\n", at)
+                    if end < 0:
+                        end = len(text)
+                    out.append(text[at:end])
+                    at = text.find(needle, end)
+            return out
+        return _Fields.getall(self, name)
+
+    def __setitem__(self, name: str, value: str) -> None:
+        if self._items is None:
+            key = self._key(name)
+            text = value if type(value) is str else _text(value)
+            dirty = self._dirty
+            if dirty is not None and key in dirty:
+                self._take_extra(key)
+            elif self._holds(key):
+                self._gone = True
+            if self._extra is None:
+                self._extra = []
+            self._extra.append([key, text])
+            self._touch(key)
+            return
+        _Fields.__setitem__(self, name, value)
+
+    def add(self, name: str, value: str) -> None:
+        if self._items is None:
+            key = self._key(name)
+            dirty = self._dirty
+            if (dirty is not None and key in dirty) or not self._holds(key):
+                text = value if type(value) is str else _text(value)
+                if self._extra is None:
+                    self._extra = []
+                self._extra.append([key, text])
+                self._touch(key)
+                return
+        _Fields.add(self, name, value)
+
+    def remove(self, name: str) -> bool:
+        if self._items is None:
+            key = self._key(name)
+            dirty = self._dirty
+            if dirty is not None and key in dirty:
+                if not self._take_extra(key):
+                    return False
+            elif self._holds(key):
+                self._gone = True
+            else:
+                return False
+            self._touch(key)
+            return True
+        return _Fields.remove(self, name)
 
     def _wire(self) -> "list[tuple[str, str]] | tuple[list[str], list[tuple[str, str]]]":
         """The changed fields for the data plane: the whole list, or the diff when some
         fields were left untouched (see the module doc)."""
-        fields = self._fields()
         dirty = self._dirty
+        if self._items is None and dirty is not None:
+            added = [(f[0], f[1]) for f in self._extra or ()]
+            text = self._text
+            if not self._gone:
+                # every field of the text stays: a diff, unless there is none
+                return (list(dirty), added) if len(text) > 1 else added
+            # Fields the plugins touched, of those the text holds: all of them (one line
+            # each, between the newlines), and the whole list is the shorter form.
+            touched = 0
+            for key in dirty:
+                needle = _needle(key)
+                if needle is not None:
+                    touched += text.count(needle)
+            if touched < text.count("\n") - 1:
+                return (list(dirty), added)
+            return added
+        fields = self._fields()
         if dirty is None:
             return [(f[0], f[1]) for f in fields]
         added = [(f[0], f[1]) for f in fields if f[0] in dirty]
@@ -255,6 +391,21 @@ class Headers(_Fields):
             # every field is new or touched: the list is the whole set, and shorter
             return added
         return (list(dirty), added)
+
+
+_NEEDLES: dict[str, str | None] = {}
+"""``\\nname:`` per lower-case header name: what starts its fields in the text of a blob.
+None for a name no field can have (with a colon or a newline, which would match across
+lines). Bounded like ``_LOWER``."""
+
+
+def _needle(key: str) -> str | None:
+    needle = _NEEDLES.get(key, "")
+    if needle is not None and not needle:
+        needle = None if not key or ":" in key or "\n" in key else "\n" + key + ":"
+        if len(_NEEDLES) < _LOWER_MAX:
+            _NEEDLES[key] = needle
+    return needle
 
 
 class Params(_Fields):
@@ -873,7 +1024,7 @@ def run_log(chain: Chain, req: Request, info: LogInfo, loop: Any = None) -> None
     """
     resp = req.response
     if resp is None:
-        resp = _wire_response(info.status, b"")
+        resp = _wire_response(info.status, "")
     rid = req.request_id
     for slot in chain.log:
         start = _perf_ns()
@@ -926,7 +1077,7 @@ class Host:
         method: str,
         path: str,
         query: str,
-        headers: bytes,
+        headers: "str | bytes",
         body: bytes | None,
         meta: Meta,
     ) -> tuple[Request, tuple[Any, ...] | None]:
@@ -943,7 +1094,7 @@ class Host:
         method: str,
         path: str,
         query: str,
-        headers: bytes,
+        headers: "str | bytes",
         body: bytes | None,
         meta: Meta,
         done: Any,
@@ -953,13 +1104,13 @@ class Host:
         self._submit(run_request_async(self.chains[chain], req), done)
         return req
 
-    def response(self, chain: int, req: Request, status: int, headers: bytes) -> Any:
+    def response(self, chain: int, req: Request, status: int, headers: "str | bytes") -> Any:
         resp = _wire_response(status, headers)
         req.response = resp
         return run_response(self.chains[chain], req, resp)
 
     def response_async(
-        self, chain: int, req: Request, status: int, headers: bytes, done: Any
+        self, chain: int, req: Request, status: int, headers: "str | bytes", done: Any
     ) -> None:
         resp = _wire_response(status, headers)
         req.response = resp
@@ -968,14 +1119,14 @@ class Host:
     def response_body(self, chain: int, req: Request, body: bytes) -> tuple[Any, bytes]:
         resp = req.response
         if resp is None:
-            resp = req.response = _wire_response(200, b"")
+            resp = req.response = _wire_response(200, "")
         out = run_body(self.chains[chain], req, resp, body)
         return resp._decision(), out
 
     def response_chunk(self, chain: int, req: Request, chunk: bytes, last: bool) -> bytes:
         resp = req.response
         if resp is None:
-            resp = req.response = _wire_response(200, b"")
+            resp = req.response = _wire_response(200, "")
         return run_chunk(self.chains[chain], req, resp, chunk, last)
 
     def log(
@@ -1020,17 +1171,25 @@ class Host:
         return out
 
 
-def _wire_headers(blob: bytes) -> Headers:
-    """Headers from the data plane's blob, parsed when first read."""
+def _wire_headers(blob: "str | bytes") -> Headers:
+    """Headers from the data plane's text, searched and parsed when first read."""
     h = Headers.__new__(Headers)
-    h._blob = blob
+    text = blob if type(blob) is str else blob.decode("latin-1")  # type: ignore[union-attr]
+    # Every field is found after a newline, the first one too.
+    if text[:1] != "\n":
+        text = "\n" + text
+    if text[-1:] != "\n":
+        text += "\n"
+    h._text = text
+    h._extra = None
+    h._gone = False
     h._items = None
     h._dirty = None
     h.changed = False
     return h
 
 
-def _wire_response(status: int, blob: bytes) -> Response:
+def _wire_response(status: int, blob: "str | bytes") -> Response:
     r = Response.__new__(Response)
     r.status = status
     r._orig_status = status
@@ -1044,7 +1203,7 @@ def _new_request(
     method: str,
     path: str,
     query: str,
-    headers: bytes,
+    headers: "str | bytes",
     body: bytes | None,
     meta: Meta,
 ) -> Request:

@@ -131,20 +131,44 @@ fn invalid(what: impl std::fmt::Display) -> GatewayError {
     GatewayError::new(ErrorKind::PluginFailed, format!("plugin chain returned {what}"))
 }
 
-/// Header fields as the `name:value\n` blob the views parse lazily.
-fn header_blob<'py>(py: Python<'py>, headers: &HeaderMap) -> Bound<'py, PyBytes> {
-    let len: usize = headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 2).sum();
-    PyBytes::new_with(py, len, |buf| {
-        let mut at = 0;
-        for (n, v) in headers {
-            for part in [n.as_str().as_bytes(), b":", v.as_bytes(), b"\n"] {
-                buf[at..at + part.len()].copy_from_slice(part);
-                at += part.len();
-            }
-        }
-        Ok(())
-    })
-    .expect("filling a bytes object cannot fail")
+/// Header fields as the `\nname:value\n...` text the views search and parse lazily: a str,
+/// each byte one latin-1 character, so that Python needs no decoding step.
+fn header_blob<'py>(py: Python<'py>, headers: &HeaderMap) -> Bound<'py, PyAny> {
+    let len: usize = 1 + headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 2)
+        .sum::<usize>();
+    let mut buf = Vec::with_capacity(len);
+    buf.push(b'\n');
+    for (n, v) in headers {
+        buf.extend_from_slice(n.as_str().as_bytes());
+        buf.push(b':');
+        buf.extend_from_slice(v.as_bytes());
+        buf.push(b'\n');
+    }
+    // SAFETY: the pointer and length describe `buf`, alive for the call; latin-1 decoding
+    // accepts every byte, so the result is a new reference (null only when out of memory).
+    unsafe {
+        let ptr = pyo3::ffi::PyUnicode_DecodeLatin1(
+            buf.as_ptr().cast(),
+            buf.len() as pyo3::ffi::Py_ssize_t,
+            std::ptr::null(),
+        );
+        Bound::from_owned_ptr_or_err(py, ptr).expect("decoding latin-1 cannot fail")
+    }
+}
+
+/// `value` as a str, shared for the few values every request repeats.
+fn common_str<'py>(py: Python<'py>, value: &str) -> Bound<'py, PyString> {
+    match value {
+        "GET" => intern!(py, "GET").clone(),
+        "POST" => intern!(py, "POST").clone(),
+        "http" => intern!(py, "http").clone(),
+        "https" => intern!(py, "https").clone(),
+        "HTTP/1.1" => intern!(py, "HTTP/1.1").clone(),
+        "HTTP/2" => intern!(py, "HTTP/2").clone(),
+        _ => PyString::new(py, value),
+    }
 }
 
 /// `[(name, value), ...]` from Python; values are latin-1 text, as they were handed over.
@@ -405,8 +429,8 @@ impl PluginHost for PyHost {
                 view.client_ip,
                 view.route,
                 view.host,
-                view.scheme,
-                view.http_version,
+                common_str(py, view.scheme),
+                common_str(py, view.http_version),
                 span,
                 view.consumer,
                 view.credential,
@@ -416,7 +440,7 @@ impl PluginHost for PyHost {
                 HookMode::Sync => {
                     let args = (
                         chain,
-                        view.method.as_str(),
+                        common_str(py, view.method.as_str()),
                         view.path,
                         view.query,
                         headers,
@@ -442,7 +466,7 @@ impl PluginHost for PyHost {
                     };
                     let args = (
                         chain,
-                        view.method.as_str(),
+                        common_str(py, view.method.as_str()),
                         view.path,
                         view.query,
                         headers,

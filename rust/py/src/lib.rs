@@ -139,6 +139,13 @@ fn serve_echo(py: Python<'_>, listen_fd: i32) -> PyResult<()> {
         .map_err(PyRuntimeError::new_err)
 }
 
+/// SHA-256 of `text`'s UTF-8 bytes in lower-case hex: the form API keys are stored and
+/// looked up in. One call, where `hashlib` takes three and sets up an OpenSSL context.
+#[pyfunction]
+fn sha256_hex(text: &str) -> String {
+    trace::hex(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref())
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -147,5 +154,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(serve, m)?)?;
     m.add_function(wrap_pyfunction!(serve_echo, m)?)?;
     m.add_function(wrap_pyfunction!(record_span, m)?)?;
+    m.add_function(wrap_pyfunction!(sha256_hex, m)?)?;
     Ok(())
 }
