@@ -19,6 +19,13 @@ import msgspec
 from msgspec import Meta
 
 from ferrogate.addresses import join_host_port, looks_like_url, parse_upstream_url, split_host_port
+from ferrogate.cache_config import CacheStore, RouteCache, normalize_cache, normalize_route_cache
+from ferrogate.compression_config import (
+    Compression,
+    RouteCompressionSetting,
+    check_compression,
+    normalize_route_compression,
+)
 from ferrogate.consumers import ConsumerSpec as Consumer
 from ferrogate.consumers import checking as consumers_checking
 from ferrogate.consumers import duplicate_credentials, normalize_consumer
@@ -534,6 +541,21 @@ class Route(_Section, kw_only=True, frozen=True):
         ),
     ] = None
     waf: RouteWafSetting = None
+    compression: RouteCompressionSetting = None
+    websocket: Annotated[
+        bool,
+        Meta(
+            description="Pass WebSocket handshakes (HTTP/1.1 Upgrade, HTTP/2 extended CONNECT) "
+            "to the upstream and splice the connections; off: Upgrade is removed."
+        ),
+    ] = False
+    websocket_idle: Annotated[
+        Duration,
+        Meta(description="A WebSocket session silent both ways this long is closed; 0 = no limit."),
+    ] = 60.0
+    cache: Annotated[
+        RouteCache | None, Meta(description="Cache this route's responses (RFC 9111); off.")
+    ] = None
 
 
 class Config(_Section, kw_only=True, frozen=True):
@@ -596,6 +618,10 @@ class Config(_Section, kw_only=True, frozen=True):
         Waf | None,
         Meta(description="Web application firewall (libmodsecurity + OWASP CRS); off."),
     ] = None
+    compression: Annotated[
+        Compression | None,
+        Meta(description="Response compression (gzip, brotli, zstd) on every route; off."),
+    ] = None
     trusted_proxies: Annotated[
         list[str],
         Meta(
@@ -629,6 +655,9 @@ class Config(_Section, kw_only=True, frozen=True):
     alerts: Annotated[
         Alerts | None, Meta(description="Anomaly alerts over the analytics; off.")
     ] = None
+    cache: Annotated[
+        CacheStore, Meta(description="The response cache's store (routes choose to cache).")
+    ] = msgspec.field(default_factory=CacheStore)
 
 
 @dataclass(frozen=True, slots=True)
@@ -665,6 +694,7 @@ class _Normalizer:
         self.upstream_names: tuple[str, ...] = ()
         self.redis: RedisStore | None = None
         self.waf: Waf | None = None
+        self.compression: Compression | None = None
 
     def duration(self, value: float | str, path: DataPath) -> float:
         try:
@@ -724,6 +754,7 @@ class _Normalizer:
         out_consumers = self.consumers(cfg)
         self.redis = cfg.rate_limiting.redis
         self.waf = cfg.waf
+        self.compression = check_compression(cfg.compression, self.report)
         out_routes: list[dict[str, Any]] = []
         names: dict[str, int] = {}
         with consumers_checking(out_consumers):
@@ -785,6 +816,7 @@ class _Normalizer:
                 cfg.ip_restriction, ("ip_restriction",), self.report
             ),
             "waf": normalize_waf(cfg.waf, self.base_dir, self.report),
+            "cache": normalize_cache(cfg.cache, self.report),
             "timeouts": timeouts,
             "echo": echo,
             "upstreams": out_upstreams,
@@ -1155,6 +1187,12 @@ class _Normalizer:
             ),
             "client_cert": route.client_cert,
             "waf": normalize_route_waf(route.waf, self.waf, (*at, "waf"), self.report),
+            "compression": normalize_route_compression(
+                route.compression, self.compression, (*at, "compression"), self.report
+            ),
+            "websocket": route.websocket,
+            "websocket_idle": self.duration(route.websocket_idle, (*at, "websocket_idle")),
+            "cache": normalize_route_cache(route.cache, (*at, "cache"), self.report),
             **route_settings(self, route.timeouts, route.retries, at),
         }
 

@@ -48,6 +48,7 @@ class Observatory:
             return
         from ferrogate.alerts import AlertService
         from ferrogate.analytics_service import AnalyticsService
+        from ferrogate.cache_purge import CachePurge
         from ferrogate.dashboard import Dashboard
         from ferrogate.metrics_export import MetricsExport
 
@@ -55,7 +56,13 @@ class Observatory:
         metrics = self.metrics = MetricsExport(self.runtime, normalized)
         analytics = AnalyticsService(self.runtime, normalized, metrics)
         alerts = AlertService(analytics, normalized, metrics)
-        self.components = [metrics, analytics, alerts, Dashboard(normalized)]
+        self.components = [
+            metrics,
+            analytics,
+            alerts,
+            Dashboard(normalized),
+            CachePurge(self.runtime),
+        ]
         routes = [Route("/healthz", self._healthz, auth=False)]
         for c in self.components:
             routes += c.routes()

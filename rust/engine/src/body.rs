@@ -321,6 +321,8 @@ pub enum ResponseBody<G> {
     Tapped(Box<(ResponseBody<G>, BodyTap)>),
     /// Counted (and partly captured) for the request's record, finished at its end.
     Observed(Box<(ResponseBody<G>, crate::observe::Finish)>),
+    /// Compressed on the way out (`compress.rs`).
+    Compressed(Box<crate::compress::Compressed<ResponseBody<G>>>),
 }
 
 /// The plugin side of a response body: chunk hooks (streamed mode), and the log record
@@ -448,6 +450,7 @@ impl<G: Unpin> Body for ResponseBody<G> {
                 Poll::Ready(frame)
             }
             ResponseBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ResponseBody::Compressed(c) => Pin::new(&mut **c).poll_frame(cx),
             ResponseBody::Tapped(t) => {
                 let (inner, tap) = &mut **t;
                 loop {
@@ -498,6 +501,7 @@ impl<G: Unpin> Body for ResponseBody<G> {
             // Chunk hooks may still have something to say at the end.
             ResponseBody::Tapped(t) => t.0.is_end_stream() && (!t.1.stream || t.1.last_seen),
             ResponseBody::Observed(o) => o.0.is_end_stream(),
+            ResponseBody::Compressed(c) => c.is_end_stream(),
         }
     }
 
@@ -508,6 +512,7 @@ impl<G: Unpin> Body for ResponseBody<G> {
             ResponseBody::Tapped(t) if t.1.stream => SizeHint::default(),
             ResponseBody::Tapped(t) => t.0.size_hint(),
             ResponseBody::Observed(o) => o.0.size_hint(),
+            ResponseBody::Compressed(c) => c.size_hint(),
         }
     }
 }

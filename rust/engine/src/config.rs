@@ -44,6 +44,9 @@ pub struct GatewayConfig {
     /// The web application firewall (`waf.rs`); off by default.
     #[serde(default)]
     pub waf: Option<crate::waf::WafConfig>,
+    /// The response cache's store (`cache.rs`).
+    #[serde(default)]
+    pub cache: crate::cache::CacheStoreConfig,
 }
 
 /// `ip_restriction:` CIDRs; with `allow`, only those; `deny` always wins.
@@ -643,6 +646,23 @@ pub struct RouteConfig {
     /// The WAF here: off, or overrides of the top-level `waf` (None: those settings).
     #[serde(default)]
     pub waf: Option<crate::waf::RouteWafConfig>,
+    /// The route's response cache (`cache.rs`); None: nothing is cached.
+    #[serde(default)]
+    pub cache: Option<crate::cache::RouteCacheConfig>,
+    /// The route's effective response compression settings; None: responses go as they are.
+    #[serde(default)]
+    pub compression: Option<crate::compress::CompressionConfig>,
+    /// WebSocket handshakes are passed on (see `websocket.rs`); otherwise Upgrade is
+    /// removed like any hop-by-hop header.
+    #[serde(default)]
+    pub websocket: bool,
+    /// Seconds a WebSocket session may stay silent both ways; 0: no limit.
+    #[serde(default = "default_websocket_idle")]
+    pub websocket_idle: f64,
+}
+
+fn default_websocket_idle() -> f64 {
+    60.0
 }
 
 /// `upstreams.*.adaptive_concurrency`: AIMD on latency (see `concurrency.rs`).

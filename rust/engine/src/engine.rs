@@ -46,6 +46,22 @@ pub struct Engine {
     pub tls: Option<crate::config::TlsConfig>,
     /// The web application firewall's rules per route, when the config enables it.
     pub waf: Option<Arc<crate::waf::Waf>>,
+    /// The worker's response cache stores, handed from engine to engine on reload.
+    pub cache: crate::cache::Stores,
+    /// Response compression per route index; empty when no route compresses.
+    pub compression: Vec<Option<Arc<crate::compress::Policy>>>,
+}
+
+fn compression_policies(config: &GatewayConfig) -> Vec<Option<Arc<crate::compress::Policy>>> {
+    if config.routes.iter().all(|r| r.compression.is_none()) {
+        return Vec::new();
+    }
+    let policies = config.routes.iter().map(|r| {
+        r.compression
+            .as_ref()
+            .map(|c| Arc::new(crate::compress::Policy::new(c)))
+    });
+    policies.collect()
 }
 
 impl Engine {
@@ -183,6 +199,10 @@ impl Engine {
                 .ok()
                 .map(Arc::new)
         });
+        // The response cache's stores live on across reloads (entries, connections).
+        let cache = crate::cache::Stores::build(&config.cache, previous.map(|p| &p.cache))
+            .map_err(|e| problems.push(ConfigProblem::new("cache.redis.url", e)))
+            .ok();
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -219,6 +239,8 @@ impl Engine {
             mtls: crate::tls::MtlsIndex::build(&config.consumers),
             tls: config.tls.clone(),
             waf,
+            cache: cache.expect("no problems means the cache stores were made"),
+            compression: compression_policies(config),
         })
     }
 

@@ -20,7 +20,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -53,6 +53,8 @@ pub struct FramingRecord {
     reason: AtomicU8,
     /// Requests the service has been handed so far on this connection.
     served: AtomicU64,
+    /// The connection switched protocols (a WebSocket): what follows is not HTTP.
+    switched: AtomicBool,
 }
 
 impl FramingRecord {
@@ -61,6 +63,11 @@ impl FramingRecord {
             bad_index: AtomicU64::new(u64::MAX),
             ..Default::default()
         })
+    }
+
+    /// The response switched the connection to another protocol: stop following it.
+    pub fn switch(&self) {
+        self.switched.store(true, Ordering::Relaxed);
     }
 
     /// Called once per request, in order, by the service: the verdict for this request.
@@ -435,6 +442,10 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if self.state != State::Off && self.record.switched.load(Ordering::Relaxed) {
+            // No heads, bodies or their deadlines in a WebSocket session.
+            self.state = State::Off;
+        }
         if self.timers.is_some() && self.deadline().is_some_and(|d| Instant::now() >= d) {
             return Poll::Ready(Err(timed_out(self.state)));
         }

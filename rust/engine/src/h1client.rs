@@ -18,7 +18,7 @@ use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
@@ -42,6 +42,29 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
         }
     }
 }
@@ -525,6 +548,9 @@ pub enum BodyKind {
     Sized(u64),
     Chunked,
     UntilClose,
+    /// After a 101: no body; the connection now speaks another protocol and belongs to
+    /// whoever takes it (`UpstreamBody::into_switched`), never to the pool.
+    Switched,
 }
 
 fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, ExchangeError> {
@@ -585,10 +611,11 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Exc
             .map_err(|_| ExchangeError::Protocol("bad header value".into()))?;
         headers.append(name, value);
     }
-    let kind = if *method == Method::HEAD
+    let kind = if status == StatusCode::SWITCHING_PROTOCOLS {
+        BodyKind::Switched
+    } else if *method == Method::HEAD
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
-        || status == StatusCode::SWITCHING_PROTOCOLS
     {
         BodyKind::Empty
     } else if te {
@@ -738,7 +765,7 @@ impl UpstreamBody {
         home: std::sync::Arc<dyn Recycle>,
         idle: Option<Duration>,
     ) -> Self {
-        let done = framing.kind == BodyKind::Empty;
+        let done = matches!(framing.kind, BodyKind::Empty | BodyKind::Switched);
         let mut body = UpstreamBody {
             conn: Some(conn),
             kind: framing.kind,
@@ -750,10 +777,19 @@ impl UpstreamBody {
             timer: None,
             timer_armed: false,
         };
-        if done {
+        if framing.kind == BodyKind::Empty {
             body.finish();
         }
         body
+    }
+
+    /// After a 101: the connection, and what the upstream already sent on it.
+    pub fn into_switched(mut self) -> Option<(Stream, BytesMut)> {
+        if self.kind != BodyKind::Switched {
+            return None;
+        }
+        let conn = self.conn.take()?;
+        Some((conn.stream, conn.buf))
     }
 
     /// A read is pending: start (or keep) the idle timer; Ready(Err) when it has expired.
@@ -866,7 +902,7 @@ impl Body for UpstreamBody {
     fn size_hint(&self) -> SizeHint {
         match self.kind {
             BodyKind::Sized(n) => SizeHint::with_exact(n),
-            BodyKind::Empty => SizeHint::with_exact(0),
+            BodyKind::Empty | BodyKind::Switched => SizeHint::with_exact(0),
             _ => SizeHint::default(),
         }
     }

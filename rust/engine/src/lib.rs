@@ -7,7 +7,10 @@ pub mod access_log;
 pub mod analytics;
 pub mod balancer;
 pub mod body;
+pub mod cache;
+pub mod cache_redis;
 pub mod cluster_limits;
+pub mod compress;
 pub mod concurrency;
 pub mod config;
 pub mod conn_limit;
@@ -46,5 +49,6 @@ pub mod trace;
 pub mod upstream;
 pub mod upstream_tls;
 pub mod waf;
+pub mod websocket;
 
 pub use engine::Engine;

@@ -59,6 +59,9 @@ pub struct RequestCtx {
     pub captured_body: Option<bytes::Bytes>,
     /// How many bytes of the request body to keep in `captured_body` (0: none).
     pub capture_body_cap: usize,
+    /// A WebSocket handshake in progress: the client's side, then the accepted session.
+    pub websocket: Option<crate::websocket::Pending>,
+    pub websocket_session: Option<crate::websocket::Session>,
 }
 
 /// A request's run through its route's plugin chain.

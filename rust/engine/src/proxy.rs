@@ -136,8 +136,12 @@ pub async fn handle(
         cache: None,
         captured_body: None,
         capture_body_cap: 0,
+        websocket: None,
+        websocket_session: None,
     };
     let (head, body) = req.into_parts();
+    let compress_side = (!engine.compression.is_empty())
+        .then(|| crate::compress::RequestSide::of(&head.method, &head.headers));
     let record = observer.start(&head, &mut ctx, &engine.trusted_proxies);
     // Until the record is filled below, a dropped future (the client left) still logs it.
     let mut pending = Unanswered {
@@ -163,8 +167,27 @@ pub async fn handle(
         let status = resp.status();
         rate.apply(resp.headers_mut(), status);
     }
+    if let Some(side) = &compress_side {
+        // Last: plugins and the rate headers saw the response as the upstream sent it.
+        resp = compress(&engine, ctx, side, resp);
+    }
+    // A WebSocket session starts once the client's switch answer has gone out (one that
+    // plugins turned into something else ends it here: its upstream connection is closed).
+    let session = ctx
+        .websocket_session
+        .take()
+        .filter(|s| s.switching_status() == resp.status());
+    if session.is_some() {
+        // A buffering plugin may have stated a length: a switch answer has no body at all.
+        resp.headers_mut().remove(header::CONTENT_LENGTH);
+    }
     match pending.record.take() {
-        None => resp,
+        None => {
+            if let Some(session) = session {
+                tokio::spawn(session.run(None));
+            }
+            resp
+        }
         Some(mut record) => {
             observer.fill(&mut record, ctx, resp.status().as_u16(), resp.headers(), error);
             let capture_left = observer.response_capture_cap(&record);
@@ -174,12 +197,46 @@ pub async fn handle(
                 record: Some(record),
                 capture_left,
             };
+            if let Some(session) = session {
+                // Logged when the session ends, with its duration and bytes.
+                tokio::spawn(session.run(Some(finish)));
+                return Response::from_parts(parts, body);
+            }
             if body.is_end_stream() {
                 // Nothing to send: hyper may never poll the body.
                 finish.done();
             }
             Response::from_parts(parts, ResponseBody::Observed(Box::new((body, finish))))
         }
+    }
+}
+
+/// Compress the response body when the route, the response and the client allow it.
+fn compress(
+    engine: &Engine,
+    ctx: &RequestCtx,
+    side: &crate::compress::RequestSide,
+    resp: Response<ProxyBody>,
+) -> Response<ProxyBody> {
+    let policy = ctx
+        .route
+        .as_ref()
+        .and_then(|r| engine.compression.get(r.index)?.as_deref());
+    let Some(policy) = policy else {
+        return resp;
+    };
+    let (mut parts, body) = resp.into_parts();
+    let empty = body.is_end_stream();
+    let Some(encoding) = crate::compress::apply(policy, side, parts.status, &mut parts.headers, empty) else {
+        return Response::from_parts(parts, body);
+    };
+    match crate::compress::Compressed::new(body, encoding, policy) {
+        Ok(c) => Response::from_parts(parts, ResponseBody::Compressed(Box::new(c))),
+        // An encoder that cannot start (out of memory) fails the request, not the worker.
+        Err(e) => error_response(
+            GatewayError::new(ErrorKind::Internal, format!("cannot start the compressor: {e}")),
+            &ctx.request_id,
+        ),
     }
 }
 
@@ -205,6 +262,9 @@ async fn forward(
         check_framing(req.headers())?;
     }
     let (mut parts, body) = req.into_parts();
+    // A WebSocket handshake (either kind) looks like an HTTP/1.1 one from here on.
+    let websocket =
+        crate::websocket::handshake_of(&parts).and_then(|h| crate::websocket::begin(&mut parts, h));
     // Limits on the head, then the path that routing, plugins and the upstream see.
     crate::head_limits::check(&parts, &engine.limits)?;
     // The WAF inspects the target as the client sent it: encodings and dot segments are evidence.
@@ -232,6 +292,17 @@ async fn forward(
         (m.route.clone(), m.upstream_path)
     };
     ctx.route = Some(route.clone());
+    if let Some(ws) = websocket {
+        if route.websocket {
+            ctx.websocket = Some(ws);
+        } else if ws.handshake == crate::websocket::Handshake::ExtendedConnect {
+            return Err(GatewayError::new(
+                ErrorKind::BadRequest,
+                "this route does not accept WebSocket connections",
+            ));
+        }
+        // An HTTP/1.1 handshake on such a route goes on as a plain GET (Upgrade removed).
+    }
     if route.client_cert_required && ctx.client_cert.is_none() {
         return Err(GatewayError::new(
             ErrorKind::ClientCertRequired,
@@ -355,6 +426,9 @@ async fn forward(
         }
     }
     strip_hop_by_hop(&mut parts.headers);
+    if ctx.websocket.is_some() {
+        crate::websocket::upstream_headers(&mut parts.headers);
+    }
     parts.headers.insert(&X_REQUEST_ID, ctx.request_id.clone());
     if let Some(trace) = &ctx.trace {
         trace.inject(&mut parts.headers);
@@ -364,7 +438,28 @@ async fn forward(
     }
     let client_version = parts.version;
     parts.version = Version::HTTP_11;
-    if let Some(mirror) = route.mirror.as_ref().filter(|m| m.sampled()) {
+    // The response cache (`cache.rs`): after the access phase, so authentication, limits
+    // and plugins run on hits too; before anything goes upstream.
+    let mut cache_fill = None;
+    if let Some(rc) = route.cache.as_ref().filter(|_| ctx.websocket.is_none()) {
+        let origin = crate::cache::Origin {
+            engine,
+            upstream: chosen,
+            path: upstream_path.clone(),
+            query: query_override.as_deref(),
+            preserve_host: route.preserve_host,
+        };
+        match crate::cache::before(&engine.cache, rc, ctx, &mut parts, origin).await {
+            crate::cache::Before::Respond(resp) => return Ok(resp),
+            crate::cache::Before::Forward(fill) => cache_fill = Some(fill),
+        }
+    }
+    // A handshake is not mirrored: the copy would open a session of its own.
+    let mirror = route
+        .mirror
+        .as_ref()
+        .filter(|m| ctx.websocket.is_none() && m.sampled());
+    if let Some(mirror) = mirror {
         if let Some(bytes) =
             mirrorable_body(&mut client_body, &parts.headers, mirror.max_body, upstream).await?
         {
@@ -421,6 +516,12 @@ async fn forward(
     if let Some(captured) = body.take_captured() {
         ctx.captured_body = Some(captured);
     }
+    if let (Err(e), Some(fill)) = (&dispatched, &cache_fill) {
+        // stale-if-error: a stored answer instead of the gateway's error.
+        if let Some(resp) = fill.on_error(ctx, e) {
+            return Ok(resp);
+        }
+    }
     let (resp, guard) = match dispatched? {
         Dispatched::Upstream(resp, guard) => (resp, guard),
         Dispatched::Respond(resp) => return Ok(resp),
@@ -435,6 +536,33 @@ async fn forward(
         f.response_headers(ctx, &mut rparts);
     }
     rparts.version = client_version;
+    if let Some(ws) = ctx.websocket.take() {
+        let switched = rparts.status == http::StatusCode::SWITCHING_PROTOCOLS;
+        if switched
+            || (ws.handshake == crate::websocket::Handshake::ExtendedConnect && rparts.status.is_success())
+        {
+            // A 2xx to an extended CONNECT would open a tunnel: only a 101 may.
+            let session = switched
+                .then(|| ws.accepted(&mut rparts, rbody, guard, route.websocket_idle))
+                .flatten()
+                .ok_or_else(|| {
+                    GatewayError::new(
+                        ErrorKind::UpstreamUnreachable,
+                        format!(
+                            "upstream {} did not switch to the WebSocket protocol",
+                            upstream.name
+                        ),
+                    )
+                })?;
+            ctx.websocket_session = Some(session);
+            return Ok(Response::from_parts(rparts, ResponseBody::Full(None)));
+        }
+    }
+
+    if let Some(fill) = cache_fill {
+        // Stored, refreshed or answered from a stale entry; otherwise streamed as below.
+        return fill.finish(rparts, rbody, guard, ctx).await;
+    }
 
     // phase: response_body (streams through; the guard frees the target's slot at its end)
     Ok(Response::from_parts(

@@ -65,6 +65,11 @@ pub struct Route {
     pub ip_restriction: Option<crate::ip_restriction::IpRules>,
     /// Only connections with a verified client certificate may use the route.
     pub client_cert_required: bool,
+    /// The route's response cache settings, when it caches.
+    pub cache: Option<Arc<crate::cache::RouteCache>>,
+    /// WebSocket handshakes pass, and their sessions' idle limit (None: no limit).
+    pub websocket: bool,
+    pub websocket_idle: Option<std::time::Duration>,
     methods: Vec<Method>,
     headers: Vec<(HeaderName, Matcher)>,
     query: Vec<(String, Matcher)>,
@@ -645,6 +650,12 @@ fn compile_route(
             .map_err(|mut p| problems.append(&mut p))
             .ok()
     });
+    let cache = rc.cache.as_ref().and_then(|c| {
+        crate::cache::RouteCache::compile(c, &format!("routes[{i}].cache"))
+            .map_err(|mut p| problems.append(&mut p))
+            .ok()
+            .map(Arc::new)
+    });
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -673,6 +684,9 @@ fn compile_route(
         rewrite_src: rc.rewrite.clone(),
         strip_prefix: rc.strip_prefix,
         client_cert_required: rc.client_cert.as_deref() == Some("required"),
+        cache,
+        websocket: rc.websocket,
+        websocket_idle: (rc.websocket_idle > 0.0).then(|| crate::upstream::secs(rc.websocket_idle)),
     })
 }
 

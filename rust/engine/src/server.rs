@@ -145,7 +145,10 @@ impl Protocols {
             .max_buf_size(max_head)
             .max_headers(engine.limits.max_headers);
         let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        h2.timer(TokioTimer::new()).max_header_list_size(h2_headers);
+        // RFC 8441: WebSockets over HTTP/2 (extended CONNECT, see `websocket.rs`).
+        h2.timer(TokioTimer::new())
+            .max_header_list_size(h2_headers)
+            .enable_connect_protocol();
         let mut auto = auto::Builder::new(TokioExecutor::new());
         auto.http1()
             .timer(TokioTimer::new())
@@ -154,7 +157,8 @@ impl Protocols {
             .max_headers(engine.limits.max_headers);
         auto.http2()
             .timer(TokioTimer::new())
-            .max_header_list_size(h2_headers);
+            .max_header_list_size(h2_headers)
+            .enable_connect_protocol();
         Protocols {
             h1,
             h2,
@@ -255,6 +259,8 @@ pub fn serve(
         // logrotate moved the access log: reopen it (until now SIGUSR1 was ignored).
         let mut usr1 = signal(SignalKind::user_defined1()).map_err(|e| e.to_string())?;
         log_event("info", "worker_started", serde_json::json!({"worker": worker_id}));
+        // Cache purges the master writes beside the runtime file (`cache.rs`).
+        crate::cache::watch_purges(worker.clone(), config_path);
         // A reload that landed between reading the config and installing the SIGHUP
         // handler would otherwise be missed: look at the file once more.
         reload(
@@ -404,7 +410,12 @@ async fn serve_connection(
             let worker = worker.clone();
             let client_ip = client_ip.clone();
             let ambiguity = record.next_request();
-            async move { Ok::<_, Infallible>(proxy::handle(&worker, req, peer, client_ip, ambiguity).await) }
+            let switching = switch_watch(&req, &record);
+            async move {
+                let resp = proxy::handle(&worker, req, peer, client_ip, ambiguity).await;
+                switched(switching, &resp);
+                Ok::<_, Infallible>(resp)
+            }
         })
     };
     if n == 3 && probe == *b"PRI" {
@@ -422,9 +433,67 @@ async fn serve_connection(
     );
     if b"PRI".starts_with(&probe[..n]) {
         // Too few bytes yet to tell "PRI" from "POST" or "PUT": let hyper-util decide.
-        let _ = watcher.watch(protocols.auto.serve_connection(io, svc)).await;
+        let conn = protocols.auto.serve_connection_with_upgrades(io, svc);
+        let _ = watcher.watch(conn).await;
     } else {
-        let _ = watcher.watch(protocols.h1.serve_connection(io, svc)).await;
+        serve_h1(
+            protocols.h1.serve_connection(io, svc).with_upgrades(),
+            watcher,
+            stopping,
+        )
+        .await;
+    }
+}
+
+/// The FramingRecord to tell when this request may switch the connection's protocol.
+fn switch_watch<B>(req: &hyper::Request<B>, record: &Arc<FramingRecord>) -> Option<Arc<FramingRecord>> {
+    req.headers()
+        .contains_key(hyper::header::UPGRADE)
+        .then(|| record.clone())
+}
+
+fn switched<B>(record: Option<Arc<FramingRecord>>, resp: &hyper::Response<B>) {
+    if let Some(record) = record.filter(|_| resp.status() == hyper::StatusCode::SWITCHING_PROTOCOLS) {
+        record.switch();
+    }
+}
+
+/// Serve an HTTP/1.1 connection that may switch protocols (WebSocket). hyper-util has no
+/// graceful watch for it, so the watcher is only held (shutdown waits for this task) and
+/// the drain signal comes from `stopping`. A switched connection leaves hyper: its
+/// session runs in a task of its own and ends when the worker exits.
+async fn serve_h1<C>(conn: C, watcher: Watcher, mut stopping: watch::Receiver<bool>)
+where
+    C: std::future::Future + GracefulH1,
+{
+    let _held = watcher;
+    let mut conn = std::pin::pin!(conn);
+    let draining = tokio::select! {
+        _ = conn.as_mut() => return,
+        stop = stopping.wait_for(|s| *s) => stop.is_ok(),
+    };
+    // Without a drain signal (none can come any more) the connection is served to its end.
+    if draining {
+        conn.as_mut().begin_graceful();
+    }
+    let _ = conn.await;
+}
+
+/// `graceful_shutdown` of hyper's upgradeable HTTP/1.1 connection.
+trait GracefulH1 {
+    fn begin_graceful(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S, B> GracefulH1 for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn begin_graceful(self: std::pin::Pin<&mut Self>) {
+        hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(self);
     }
 }
 
@@ -466,7 +535,12 @@ async fn serve_tls_connection(
             let worker = worker.clone();
             let client_ip = client_ip.clone();
             let ambiguity = record.next_request();
-            async move { Ok::<_, Infallible>(proxy::handle(&worker, req, peer, client_ip, ambiguity).await) }
+            let switching = switch_watch(&req, &record);
+            async move {
+                let resp = proxy::handle(&worker, req, peer, client_ip, ambiguity).await;
+                switched(switching, &resp);
+                Ok::<_, Infallible>(resp)
+            }
         })
     };
     if h2 {
@@ -481,6 +555,11 @@ async fn serve_tls_connection(
                 body_timeout,
             ),
         );
-        let _ = watcher.watch(protocols.h1.serve_connection(io, svc)).await;
+        serve_h1(
+            protocols.h1.serve_connection(io, svc).with_upgrades(),
+            watcher,
+            stopping,
+        )
+        .await;
     }
 }
