@@ -116,6 +116,34 @@ wrk_run() {
 
 median() { sort -g | awk '{v[NR] = $1} END {if (NR == 0) print 0; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
 
+# The rounds' results: one line per wrk run in $RESULTS, "NAME ROUND" then the fields of LAST
+# (3 rps 4 p50_us 5 p99_us 6 errors 7 gw% 8 load% 9 cpu_us_per_req ...). col NAME N: field N
+# of NAME's lines, one per round.
+col() { awk -v r="$1" -v c="$2" '$1 == r {print $c}' "$RESULTS"; }
+
+# results_table TITLE CPU_TITLE PREFIX NAME...: the usual table, a row per NAME (shown as
+# PREFIX NAME): req/s, p50, p99 and cpu us/req as medians of the rounds (min..max), the server's
+# and the load core's busy shares (L: load core saturated) and the errors summed.
+results_table() {
+    local title=$1 cpu_title=$2 prefix=$3 n
+    shift 3
+    printf '%-8s %7s %-15s %6s %6s %6s %-13s %5s %6s %5s\n' "$title" "req/s" "(min..max)" p50 p99 \
+        "cpu us" "(min..max)" "$cpu_title" load% err
+    for n in "$@"; do
+        awk -v r="$prefix$n" \
+            -v rps="$(col "$n" 3 | median)" -v lo="$(col "$n" 3 | sort -g | head -1)" \
+            -v hi="$(col "$n" 3 | sort -g | tail -1)" \
+            -v p50="$(col "$n" 4 | median)" -v p99="$(col "$n" 5 | median)" \
+            -v us="$(col "$n" 9 | median)" -v ulo="$(col "$n" 9 | sort -g | head -1)" \
+            -v uhi="$(col "$n" 9 | sort -g | tail -1)" \
+            -v gw="$(col "$n" 7 | median)" -v load="$(col "$n" 8 | median)" \
+            -v err="$(col "$n" 6 | awk '{s += $1} END {print s + 0}')" 'BEGIN {
+            printf "%-8s %7.0f %-15s %6.2f %6.2f %6.2f %-13s %5.0f %5.0f%1s %5d\n", r, rps,
+                "(" lo ".." hi ")", p50 / 1000, p99 / 1000, us, "(" ulo ".." uhi ")", gw, load,
+                (load >= 90 ? "L" : " "), err }'
+    done
+}
+
 
 # write_report_lua: the wrk script whose summary line wrk_run parses
 write_report_lua() {

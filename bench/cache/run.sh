@@ -105,7 +105,6 @@ for n in $(seq "$ROUNDS"); do
 done
 check_alive
 
-col() { awk -v r="$1" -v c="$2" '$1 == r {print $c}' "$RESULTS"; }
 cat <<EOF
 
 req/s and cpu us/req: medians of the rounds (min..max). gw%: the gateway's CPU as a share of
@@ -114,18 +113,7 @@ capped by the load core, and cpu us/req is the number to read).
 
 == GET, 49-byte JSON, wrk -t1 -c$CONNS -d${DURATION}s, $ROUNDS rounds, 1 worker ==
 EOF
-printf '%-8s %7s %-15s %6s %6s %6s %-13s %5s %6s %5s\n' route "req/s" "(min..max)" p50 p99 "cpu us" "(min..max)" gw% load% err
-for r in $ROUTES; do
-    awk -v r="/$r" \
-        -v rps="$(col "$r" 3 | median)" -v lo="$(col "$r" 3 | sort -g | head -1)" -v hi="$(col "$r" 3 | sort -g | tail -1)" \
-        -v p50="$(col "$r" 4 | median)" -v p99="$(col "$r" 5 | median)" \
-        -v us="$(col "$r" 9 | median)" -v ulo="$(col "$r" 9 | sort -g | head -1)" -v uhi="$(col "$r" 9 | sort -g | tail -1)" \
-        -v gw="$(col "$r" 7 | median)" -v load="$(col "$r" 8 | median)" \
-        -v err="$(col "$r" 6 | awk '{s += $1} END {print s + 0}')" 'BEGIN {
-        printf "%-8s %7.0f %-15s %6.2f %6.2f %6.2f %-13s %5.0f %5.0f%1s %5d\n", r, rps,
-            "(" lo ".." hi ")", p50 / 1000, p99 / 1000, us, "(" ulo ".." uhi ")", gw, load,
-            (load >= 90 ? "L" : " "), err }'
-done
+results_table route gw% / $ROUTES
 echo
 # per round: /cached over /plain, both taken in the same round
 awk '$1 == "plain" {rps[$2] = $3; us[$2] = $9} $1 == "cached" {crps[$2] = $3; cus[$2] = $9}

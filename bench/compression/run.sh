@@ -175,7 +175,6 @@ check_alive
 # ---- report ----------------------------------------------------------------------------
 # results.txt fields: 1 case 2 round 3 rps 4 p50_us 5 p99_us 6 errors 7 gw% 8 load%
 #   9 cpu_us_per_req 10 steal% 11 proxycore% 12 requests
-col() { awk -v r="$1" -v c="$2" '$1 == r {print $c}' "$RESULTS"; }
 ratio() {  # CASE FIELD: median over the rounds of CASE / reference, same round
     awk -v r="$1" -v ref="$ref" -v f="$2" '$1 == ref {base[$2] = $f} $1 == r {cur[$2] = $f}
         END {for (n in cur) if (n in base && base[n] > 0) printf "%.3f\n", cur[n] / base[n]}' "$RESULTS" | median

@@ -151,7 +151,6 @@ for g in $GATEWAYS; do
 done
 
 # ---- report ----------------------------------------------------------------------------
-col() { awk -v r="$1" -v c="$2" '$1 == r {print $c}' "$RESULTS"; }
 ratios() {  # per-round cpu us/req of $1 over that of the reference in the same round
     awk -v r="$1" -v ref="$2" '$1 == ref {base[$2] = $9} $1 == r {cur[$2] = $9}
         END {for (n in cur) if (n in base && base[n] > 0) printf "%.3f\n", cur[n] / base[n]}' "$RESULTS"

@@ -224,7 +224,6 @@ check_alive
 # ---- report ----------------------------------------------------------------------------
 # results.txt fields: 1 route 2 round 3 rps 4 p50_us 5 p99_us 6 errors 7 gw% 8 load%
 #   9 cpu_us_per_req 10 steal% 11 proxycore% 12 requests
-col() { awk -v r="$1" -v c="$2" '$1 == r {print $c}' "$RESULTS"; }
 # per-round CPU us/req of route $1 minus that of /none in the same round
 deltas() {
     awk -v r="$1" '$1 == "none" {base[$2] = $9} $1 == r {cur[$2] = $9}

@@ -224,7 +224,6 @@ done
 check_alive
 
 # ---- report ----------------------------------------------------------------------------------
-col() { awk -v r="$1" -v c="$2" '$1 == r {print $c}' "$RESULTS"; }
 ratio() {  # per-round cpu us/req of $1 over $2, median
     awk -v a="$1" -v b="$2" '$1 == a {x[$2] = $9} $1 == b {y[$2] = $9}
         END {for (n in x) if (n in y && y[n] > 0) printf "%.3f\n", x[n] / y[n]}' "$RESULTS" | median
@@ -237,18 +236,7 @@ srv%: the server's CPU time as a share of one core; load%: busy share of the loa
 
 == GET, 49-byte JSON, wrk -t1 -c$CONNS -d${DURATION}s, keep-alive, $ROUNDS rounds, 1 worker ==
 EOF
-printf '%-7s %7s %-15s %6s %6s %6s %-13s %5s %6s %5s\n' target "req/s" "(min..max)" p50 p99 "cpu us" "(min..max)" srv% load% err
-for t in $TARGETS; do
-    awk -v r="$t" \
-        -v rps="$(col "$t" 3 | median)" -v lo="$(col "$t" 3 | sort -g | head -1)" -v hi="$(col "$t" 3 | sort -g | tail -1)" \
-        -v p50="$(col "$t" 4 | median)" -v p99="$(col "$t" 5 | median)" \
-        -v us="$(col "$t" 9 | median)" -v ulo="$(col "$t" 9 | sort -g | head -1)" -v uhi="$(col "$t" 9 | sort -g | tail -1)" \
-        -v gw="$(col "$t" 7 | median)" -v load="$(col "$t" 8 | median)" \
-        -v err="$(col "$t" 6 | awk '{s += $1} END {print s + 0}')" 'BEGIN {
-        printf "%-7s %7.0f %-15s %6.2f %6.2f %6.2f %-13s %5.0f %5.0f%1s %5d\n", r, rps,
-            "(" lo ".." hi ")", p50 / 1000, p99 / 1000, us, "(" ulo ".." uhi ")", gw, load,
-            (load >= 90 ? "L" : " "), err }'
-done
+results_table target srv% "" $TARGETS
 echo
 echo "per-round cpu us/req (rounds in order):"
 for t in $TARGETS; do printf '  %-7s %s\n' "$t" "$(col "$t" 9 | tr '\n' ' ')"; done

@@ -129,7 +129,6 @@ for n in $(seq "$ROUNDS"); do
 done
 check_alive
 
-col() { awk -v r="$1" -v c="$2" '$1 == r {print $c}' "$RESULTS"; }
 deltas() {  # per round: cpu us/req of $1-waf minus $1-off
     awk -v w="$1" '$1 == w "-off" {base[$2] = $9} $1 == w "-waf" {cur[$2] = $9}
         END {for (n in cur) if (n in base) printf "%.2f\n", cur[n] - base[n]}' "$RESULTS"
