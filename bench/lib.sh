@@ -114,6 +114,38 @@ wrk_run() {
         }' "$out")
 }
 
+# measure_rounds NAME...: a warm-up run of each $GW_URL/NAME through the gateway, then ROUNDS
+# rounds of one run each, in turn (so a noisy moment hits every name); appends "NAME ROUND" +
+# LAST to $RESULTS and logs each run.
+measure_rounds() {
+    local n r
+    for r in "$@"; do wrk_run "$r-warmup" gateway "$GW_URL/$r" "$WARMUP"; done
+    for n in $(seq "$ROUNDS"); do
+        for r in "$@"; do
+            wrk_run "$r-r$n" gateway "$GW_URL/$r" "$DURATION"
+            echo "$r $n $LAST" >>"$RESULTS"
+            log "  round $n /$r: $(awk '{printf "%s req/s, p99 %.2f ms, %s cpu us/req, gateway %s%%, load %s%%, err %s", $1, $3 / 1000, $7, $5, $6, $4}' <<<"$LAST")"
+        done
+    done
+    check_alive
+}
+
+# preflight TOOL... -- PORT...: every tool on PATH, two CPUs, 100 clock ticks per second (the
+# CPU accounting assumes it) and the ports free; dies saying what is missing.
+preflight() {
+    local tool p
+    while [ "$#" -gt 0 ] && [ "$1" != -- ]; do
+        command -v "$1" >/dev/null || die "missing tool: $1"
+        shift
+    done
+    [ "$#" -gt 0 ] && shift
+    [ "$(nproc --all)" -ge 2 ] || die "needs at least 2 CPUs"
+    [ "$(getconf CLK_TCK)" = 100 ] || die "CPU accounting assumes 100 clock ticks per second"
+    for p in "$@"; do
+        [ -z "$(ss -ltnH "sport = :$p")" ] || die "port $p is already in use (set PORT_BASE)"
+    done
+}
+
 median() { sort -g | awk '{v[NR] = $1} END {if (NR == 0) print 0; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
 
 # The rounds' results: one line per wrk run in $RESULTS, "NAME ROUND" then the fields of LAST

@@ -37,14 +37,7 @@ WORK=${TMPDIR:-/tmp}/ferrogate-bench-cache-$(id -u)-$PORT_BASE
 # shellcheck source=bench/lib.sh
 source "$HERE/../lib.sh"
 
-for tool in "$FERROGATE" nginx wrk taskset setsid ss curl pgrep timeout; do
-    command -v "$tool" >/dev/null || die "missing tool: $tool"
-done
-[ "$(nproc --all)" -ge 2 ] || die "needs at least 2 CPUs"
-[ "$(getconf CLK_TCK)" = 100 ] || die "CPU accounting assumes 100 clock ticks per second"
-for p in "$ORIGIN_PORT" "$GW_PORT"; do
-    [ -z "$(ss -ltnH "sport = :$p")" ] || die "port $p is already in use (set PORT_BASE)"
-done
+preflight "$FERROGATE" nginx wrk taskset setsid ss curl pgrep timeout -- "$ORIGIN_PORT" "$GW_PORT"
 ulimit -n "$(ulimit -Hn)"
 rm -rf "$WORK"
 mkdir -p "$WORK/origin"
@@ -95,15 +88,8 @@ log "origin and gateway are up; /cached answers from the cache"
 
 RESULTS=$WORK/results.txt
 : >"$RESULTS"
-for r in $ROUTES; do wrk_run "$r-warmup" gateway "$GW_URL/$r" "$WARMUP"; done
-for n in $(seq "$ROUNDS"); do
-    for r in $ROUTES; do
-        wrk_run "$r-r$n" gateway "$GW_URL/$r" "$DURATION"
-        echo "$r $n $LAST" >>"$RESULTS"
-        log "  round $n /$r: $(awk '{printf "%s req/s, p99 %.2f ms, %s cpu us/req, gateway %s%%, load %s%%, err %s", $1, $3 / 1000, $7, $5, $6, $4}' <<<"$LAST")"
-    done
-done
-check_alive
+# shellcheck disable=SC2086
+measure_rounds $ROUTES
 
 cat <<EOF
 

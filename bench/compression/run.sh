@@ -62,14 +62,7 @@ accept_of() {
 }
 
 # ---- preflight -------------------------------------------------------------------------
-for tool in "$FERROGATE" nginx wrk taskset setsid ss curl pgrep timeout python3; do
-    command -v "$tool" >/dev/null || die "missing tool: $tool"
-done
-[ "$(nproc --all)" -ge 2 ] || die "needs at least 2 CPUs"
-[ "$(getconf CLK_TCK)" = 100 ] || die "CPU accounting assumes 100 clock ticks per second"
-for p in "$ORIGIN_PORT" "$GW_PORT"; do
-    [ -z "$(ss -ltnH "sport = :$p")" ] || die "port $p is already in use (set PORT_BASE)"
-done
+preflight "$FERROGATE" nginx wrk taskset setsid ss curl pgrep timeout python3 -- "$ORIGIN_PORT" "$GW_PORT"
 for c in $CASES; do accept_of "$c" >/dev/null; done
 ulimit -n "$(ulimit -Hn)"
 rm -rf "$WORK"

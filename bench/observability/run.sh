@@ -45,17 +45,10 @@ source "$HERE/../lib.sh"
 declare -A URL=()
 
 # ---- preflight -------------------------------------------------------------------------
-for tool in "$FERROGATE" nginx wrk taskset setsid ss curl pgrep timeout; do
-    command -v "$tool" >/dev/null || die "missing tool: $tool"
-done
-[ "$(nproc --all)" -ge 2 ] || die "needs at least 2 CPUs"
-[ "$(getconf CLK_TCK)" = 100 ] || die "CPU accounting assumes 100 clock ticks per second"
 for g in $GATEWAYS; do
     case $g in off | full | traced) ;; *) die "unknown gateway $g (off full traced)" ;; esac
 done
-for p in $(seq "$PORT_BASE" $((PORT_BASE + 6))); do
-    [ -z "$(ss -ltnH "sport = :$p")" ] || die "port $p is already in use (set PORT_BASE)"
-done
+preflight "$FERROGATE" nginx wrk taskset setsid ss curl pgrep timeout -- $(seq "$PORT_BASE" $((PORT_BASE + 6)))
 ulimit -n "$(ulimit -Hn)"
 rm -rf "$WORK"
 mkdir -p "$WORK/origin/tmp"

@@ -62,14 +62,7 @@ BENCH_KEY=bench-key-4f3a2b1c0d9e8f7a
 WRK_ARGS=(-H "X-Debug: 1" -H "apikey: $BENCH_KEY")
 
 # ---- preflight -------------------------------------------------------------------------
-for tool in "$FERROGATE" nginx wrk taskset setsid ss curl pgrep timeout; do
-    command -v "$tool" >/dev/null || die "missing tool: $tool"
-done
-[ "$(nproc --all)" -ge 2 ] || die "needs at least 2 CPUs"
-[ "$(getconf CLK_TCK)" = 100 ] || die "CPU accounting assumes 100 clock ticks per second"
-for p in "$ORIGIN_PORT" "$GW_PORT"; do
-    [ -z "$(ss -ltnH "sport = :$p")" ] || die "port $p is already in use (set PORT_BASE)"
-done
+preflight "$FERROGATE" nginx wrk taskset setsid ss curl pgrep timeout -- "$ORIGIN_PORT" "$GW_PORT"
 for r in $ROUTES; do
     case $r in none | noop | rt | stream | limit | cluster | keyauth | jwt) ;; *) die "unknown route $r (none noop rt stream limit cluster keyauth jwt)" ;; esac
 done
@@ -211,15 +204,8 @@ log "origin and gateway are up; bodies match on every route, /rt applies its hea
 # ---- measure ---------------------------------------------------------------------------
 RESULTS=$WORK/results.txt   # route round, then the fields of LAST
 : >"$RESULTS"
-for r in $ROUTES; do wrk_run "$r-warmup" gateway "$GW_URL/$r" "$WARMUP"; done
-for n in $(seq "$ROUNDS"); do
-    for r in $ROUTES; do
-        wrk_run "$r-r$n" gateway "$GW_URL/$r" "$DURATION"
-        echo "$r $n $LAST" >>"$RESULTS"
-        log "  round $n /$r: $(awk '{printf "%s req/s, p99 %.2f ms, %s cpu us/req, gateway %s%%, load %s%%, err %s", $1, $3 / 1000, $7, $5, $6, $4}' <<<"$LAST")"
-    done
-done
-check_alive
+# shellcheck disable=SC2086
+measure_rounds $ROUTES
 
 # ---- report ----------------------------------------------------------------------------
 # results.txt fields: 1 route 2 round 3 rps 4 p50_us 5 p99_us 6 errors 7 gw% 8 load%

@@ -61,14 +61,7 @@ url_of() {
 service_of() { if [ "$1" = nginx ]; then echo nginxtls; else echo gateway; fi; }
 
 # ---- preflight -------------------------------------------------------------------------
-for tool in "$FERROGATE" nginx openssl wrk taskset setsid ss curl pgrep timeout; do
-    command -v "$tool" >/dev/null || die "missing tool: $tool"
-done
-[ "$(nproc --all)" -ge 2 ] || die "needs at least 2 CPUs"
-[ "$(getconf CLK_TCK)" = 100 ] || die "CPU accounting assumes 100 clock ticks per second"
-for p in "$ORIGIN_PORT" "$GW_PORT" "$GW_TLS_PORT" "$NGINX_TLS_PORT" "$ORIGIN_TLS_PORT"; do
-    [ -z "$(ss -ltnH "sport = :$p")" ] || die "port $p is already in use (set PORT_BASE)"
-done
+preflight "$FERROGATE" nginx openssl wrk taskset setsid ss curl pgrep timeout -- "$ORIGIN_PORT" "$GW_PORT" "$GW_TLS_PORT" "$NGINX_TLS_PORT" "$ORIGIN_TLS_PORT"
 ulimit -n "$(ulimit -Hn)"
 rm -rf "$WORK"
 mkdir -p "$WORK/origin/tmp" "$WORK/nginxtls/tmp" "$WORK/origintls/tmp"

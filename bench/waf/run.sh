@@ -38,14 +38,7 @@ HERE_LIB=$(cd "$(dirname "$0")/.." && pwd)
 source "$HERE_LIB/lib.sh"
 WRK_ARGS=(-H "Host: shop.example" -H "User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0")
 
-for tool in "$FERROGATE" nginx wrk taskset setsid ss curl pgrep timeout; do
-    command -v "$tool" >/dev/null || die "missing tool: $tool"
-done
-[ "$(nproc --all)" -ge 2 ] || die "needs at least 2 CPUs"
-[ "$(getconf CLK_TCK)" = 100 ] || die "CPU accounting assumes 100 clock ticks per second"
-for p in "$ORIGIN_PORT" "$GW_PORT"; do
-    [ -z "$(ss -ltnH "sport = :$p")" ] || die "port $p is already in use (set PORT_BASE)"
-done
+preflight "$FERROGATE" nginx wrk taskset setsid ss curl pgrep timeout -- "$ORIGIN_PORT" "$GW_PORT"
 ulimit -n "$(ulimit -Hn)"
 rm -rf "$WORK"
 mkdir -p "$WORK/origin"
