@@ -378,6 +378,61 @@ def test_route_off_and_on(gateway: GatewayFactory, origin: Origin) -> None:
     assert DECODERS["zstd"](raw) == JSON_BODY
 
 
+def test_a_cache_hit_sends_its_entry_compressed_once(
+    gateway: GatewayFactory, origin: Origin
+) -> None:
+    cached = {"Content-Type": "application/json", "Cache-Control": "max-age=60"}
+    origin.answers["/data"] = Answer(headers=cached)
+    doc = {"secret": "s3cr3t", "items": json.loads(JSON_BODY)}
+    origin.answers["/edited"] = Answer(headers=cached, body=json.dumps(doc).encode())
+    routes = [
+        {"name": "cached", "paths": ["/data"], "upstream": "origin", "cache": {}},
+        {
+            "name": "edited",
+            "paths": ["/edited"],
+            "upstream": "origin",
+            "cache": {},
+            "plugins": [
+                {"name": "response-transformer", "config": {"remove": {"body": ["secret"]}}}
+            ],
+        },
+    ]
+    gw = start(gateway, origin, routes=routes)
+    # The miss streams through the encoder as any response does.
+    resp, raw = fetch(gw, "/data", "gzip")
+    assert "fwd=miss" in resp.headers["cache-status"]
+    assert "content-length" not in resp.headers
+    assert gzip.decompress(raw) == JSON_BODY
+    # Hits send the entry's bytes compressed once: whole, with their length, the same each time.
+    hits = [fetch(gw, "/data", "gzip") for _ in range(3)]
+    for resp, raw in hits:
+        assert "hit" in resp.headers["cache-status"]
+        assert resp.headers["content-encoding"] == "gzip"
+        assert resp.headers["vary"] == "Accept-Encoding"
+        assert int(resp.headers["content-length"]) == len(raw)
+        assert gzip.decompress(raw) == JSON_BODY
+    assert hits[0][1] == hits[1][1] == hits[2][1]
+    # Each coding has its own compressed copy; a client that wants none gets the entry as it is.
+    for coding in ("br", "zstd"):
+        resp, raw = fetch(gw, "/data", coding)
+        assert resp.headers["content-encoding"] == coding
+        assert int(resp.headers["content-length"]) == len(raw)
+        assert DECODERS[coding](raw) == JSON_BODY
+    resp, raw = fetch(gw, "/data", None)
+    assert "content-encoding" not in resp.headers
+    assert raw == JSON_BODY
+    assert len(origin.accept_encoding) == 1
+
+    # A plugin that changes the body on the way out: its body is compressed, never the
+    # entry's compressed copy.
+    want = json.dumps({"items": doc["items"]}, separators=(",", ":")).encode()
+    for _ in range(2):
+        resp, raw = fetch(gw, "/edited", "gzip")
+        assert resp.headers["content-encoding"] == "gzip"
+        assert json.loads(gzip.decompress(raw)) == json.loads(want)
+    assert "hit" in resp.headers["cache-status"]
+
+
 class StreamDecoder:
     def __init__(self, coding: str) -> None:
         if coding == "gzip":

@@ -18,6 +18,7 @@
 //! whole before the first client gets them.
 
 use crate::body::{collect_capped, RequestBody, ResponseBody};
+use crate::compress::{Encoding, Policy as Compression};
 use crate::config::ConfigProblem;
 use crate::engine::Engine;
 use crate::error::{ErrorKind, GatewayError};
@@ -158,7 +159,8 @@ impl Stores {
         }
     }
 
-    async fn put(&self, key: &Arc<str>, url: &str, entry: Entry) {
+    async fn put(&self, key: &Arc<str>, url: &str, entry: impl Into<Arc<Entry>>) {
+        let entry = entry.into();
         match &self.redis {
             None => self.memory.put(key, url, entry),
             Some(r) => r.put(key, &entry.encode(), entry.keep_for()).await,
@@ -418,6 +420,10 @@ pub struct Entry {
     /// The request's values of the headers the response varies on.
     vary: Vec<(HeaderName, Vec<u8>)>,
     size: usize,
+    /// The body compressed, once per coding and level, by the first hit that asked for it
+    /// (`encoded`): hits then send these bytes instead of compressing the body again.
+    /// Not counted in the store's byte budget; each is smaller than the body.
+    encoded: Mutex<Vec<((Encoding, i32), Bytes)>>,
 }
 
 fn joined(headers: &HeaderMap, name: &HeaderName) -> Vec<u8> {
@@ -454,7 +460,24 @@ impl Entry {
             must_revalidate: p.must_revalidate,
             vary,
             size,
+            encoded: Mutex::new(Vec::new()),
         }
+    }
+
+    /// `body` compressed as `policy` says, made once per entry, coding and level; None when
+    /// `body` is not this entry's (a plugin replaced it on the way out).
+    pub fn encoded(&self, body: &Bytes, encoding: Encoding, policy: &Compression) -> Option<Bytes> {
+        if body.as_ptr() != self.body.as_ptr() || body.len() != self.body.len() {
+            return None;
+        }
+        let variant = policy.variant(encoding);
+        let mut memo = self.encoded.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, bytes)) = memo.iter().find(|(v, _)| *v == variant) {
+            return Some(bytes.clone());
+        }
+        let bytes = policy.encode_whole(encoding, body).ok()?;
+        memo.push((variant, bytes.clone()));
+        Some(bytes)
     }
 
     fn age(&self, now: Instant) -> Duration {
@@ -594,6 +617,7 @@ impl Entry {
             must_revalidate: flags & 2 != 0,
             vary,
             size,
+            encoded: Mutex::new(Vec::new()),
         })
     }
 }
@@ -732,12 +756,12 @@ impl MemoryStore {
         Some(found)
     }
 
-    fn put(&self, key: &Arc<str>, url: &str, entry: Entry) {
+    fn put(&self, key: &Arc<str>, url: &str, entry: impl Into<Arc<Entry>>) {
+        let entry = entry.into();
         let budget = self.budget.load(Ordering::Relaxed);
         if entry.size > budget {
             return;
         }
-        let entry = Arc::new(entry);
         let mut inner = self.lock();
         let slot = inner.slots.entry(key.clone()).or_insert_with(|| Slot {
             tick: 0,
@@ -977,7 +1001,18 @@ fn not_modified(entry: &Entry, req: &HeaderMap) -> bool {
     }
 }
 
-fn serve(entry: &Entry, req: &HeaderMap, ctx: &RequestCtx, status: &str, head: bool) -> Response<ProxyBody> {
+/// Marks a response whose body is a stored entry's, so the compression at the end of the
+/// response path can send the entry's compressed bytes (`Entry::encoded`).
+#[derive(Clone)]
+pub struct Served(pub Arc<Entry>);
+
+fn serve(
+    entry: &Arc<Entry>,
+    req: &HeaderMap,
+    ctx: &RequestCtx,
+    status: &str,
+    head: bool,
+) -> Response<ProxyBody> {
     let unchanged = not_modified(entry, req);
     let body = if head || unchanged {
         Bytes::new()
@@ -1001,6 +1036,7 @@ fn serve(entry: &Entry, req: &HeaderMap, ctx: &RequestCtx, status: &str, head: b
     );
     set_status(headers, status);
     headers.insert(&X_REQUEST_ID, ctx.request_id.clone());
+    resp.extensions_mut().insert(Served(entry.clone()));
     resp
 }
 
@@ -1056,8 +1092,9 @@ impl Fill {
                     ctx.cache = Some("revalidated");
                     return Ok(match entry.refreshed(&self.rc, &parts.headers, &self.req) {
                         Some(fresh) => {
+                            let fresh = Arc::new(fresh);
                             let resp = serve(&fresh, &self.req, ctx, status, self.head);
-                            self.store.put(&self.key, &self.url, fresh).await;
+                            self.store.put(&self.key, &self.url, fresh.clone()).await;
                             resp
                         }
                         None => serve(entry, &self.req, ctx, status, self.head),

@@ -541,6 +541,30 @@ pub struct Compressed<B> {
     trailers: Option<Frame<Bytes>>,
 }
 
+impl Levels {
+    fn of(&self, encoding: Encoding) -> i32 {
+        match encoding {
+            Encoding::Gzip => self.gzip as i32,
+            Encoding::Br => self.br as i32,
+            Encoding::Zstd => self.zstd,
+        }
+    }
+}
+
+impl Policy {
+    /// A whole body compressed in one go, for bodies that are sent many times (cache hits).
+    pub fn encode_whole(&self, encoding: Encoding, data: &[u8]) -> std::io::Result<Bytes> {
+        let mut encoder = Encoder::new(encoding, &self.levels)?;
+        encoder.write(data)?;
+        Ok(Bytes::from(encoder.finish()?))
+    }
+
+    /// What tells one compressed form of a body from another: the coding and its level.
+    pub fn variant(&self, encoding: Encoding) -> (Encoding, i32) {
+        (encoding, self.levels.of(encoding))
+    }
+}
+
 impl<B> Compressed<B> {
     pub fn new(inner: B, encoding: Encoding, policy: &Policy) -> std::io::Result<Self> {
         Ok(Compressed {

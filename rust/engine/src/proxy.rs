@@ -226,10 +226,20 @@ fn compress(
         return resp;
     };
     let (mut parts, body) = resp.into_parts();
+    let served = parts.extensions.remove::<crate::cache::Served>();
     let empty = body.is_end_stream();
     let Some(encoding) = crate::compress::apply(policy, side, parts.status, &mut parts.headers, empty) else {
         return Response::from_parts(parts, body);
     };
+    // A cache hit sends its entry's bytes compressed once, not compressed again each time.
+    if let (Some(served), ResponseBody::Full(Some(bytes))) = (served, &body) {
+        if let Some(encoded) = served.0.encoded(bytes, encoding, policy) {
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(encoded.len()));
+            return Response::from_parts(parts, ResponseBody::full(encoded));
+        }
+    }
     match crate::compress::Compressed::new(body, encoding, policy) {
         Ok(c) => Response::from_parts(parts, ResponseBody::Compressed(Box::new(c))),
         // An encoder that cannot start (out of memory) fails the request, not the worker.
