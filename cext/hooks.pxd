@@ -108,6 +108,7 @@ cdef class Response:
     cdef public Headers _headers
     cdef public object body
     cdef public object _orig_status
+    cdef public object trailers
 
     @cython.locals(status_changed=bint)
     cpdef tuple _decision(self)
@@ -167,7 +168,7 @@ cdef class Host:
     @cython.locals(resp=Response)
     cpdef response(self, Py_ssize_t chain, Request req, status, headers)
     @cython.locals(resp=Response)
-    cpdef tuple response_body(self, Py_ssize_t chain, Request req, body)
+    cpdef tuple response_body(self, Py_ssize_t chain, Request req, body, trailers=*)
     @cython.locals(resp=Response)
     cpdef response_chunk(self, Py_ssize_t chain, Request req, chunk, last)
 

@@ -1,4 +1,5 @@
-"""``host:port`` addresses and ``http://``/``https://`` upstream URLs as written in a config."""
+"""``host:port`` addresses and upstream URLs (``http://``, ``https://``, ``grpc://``,
+``grpcs://``) as written in a config."""
 
 import ipaddress
 import re
@@ -59,16 +60,23 @@ def looks_like_url(text: str) -> bool:
     return "://" in text
 
 
+def speaks_http2(url: str) -> bool:
+    """Whether an upstream URL names an HTTP/2 (gRPC) upstream: ``grpc://`` or ``grpcs://``."""
+    return urlsplit(url).scheme.lower() in ("grpc", "grpcs")
+
+
 def parse_upstream_url(text: str) -> tuple[str, str, bool]:
     """``http://host:port/base/`` -> ``("host:port", "/base", False)``; the last item says
-    whether the URL is ``https://``. The port defaults to 80 (443 for https).
+    whether the URL is ``https://`` (or ``grpcs://``). The port defaults to 80 (443 with TLS).
 
     Raises ValueError with a message fit for the user.
     """
     parts = urlsplit(text)
     scheme = parts.scheme.lower()
-    if scheme not in ("http", "https"):
-        raise ValueError(f"{text!r}: an upstream URL must start with http:// or https://")
+    if scheme not in ("http", "https", "grpc", "grpcs"):
+        raise ValueError(
+            f"{text!r}: an upstream URL must start with http://, https://, grpc:// or grpcs://"
+        )
     if parts.username is not None or parts.password is not None:
         raise ValueError(f"{text!r}: credentials in an upstream URL are not supported")
     if parts.query or parts.fragment or text.endswith(("?", "#")):
@@ -77,7 +85,7 @@ def parse_upstream_url(text: str) -> tuple[str, str, bool]:
     if not netloc:
         raise ValueError(f"{text!r}: the URL has no host")
     has_port = netloc.rsplit("]", 1)[-1].count(":") == 1
-    tls = scheme == "https"
+    tls = scheme in ("https", "grpcs")
     address = netloc if has_port else f"{netloc}:{443 if tls else 80}"
     host, port = split_host_port(address)
     return join_host_port(host, port), parts.path.rstrip("/"), tls

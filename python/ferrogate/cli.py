@@ -372,6 +372,30 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 # --- argument parsing -----------------------------------------------------------------------
 
 
+def _cmd_import_openapi(args: argparse.Namespace) -> int:
+    from ferrogate.openapi_import import OpenApiImportError, Options, import_openapi
+
+    options = Options(
+        api=args.api,
+        upstream=args.upstream,
+        version=args.api_version,
+        base_path=args.base_path,
+        validate=args.validate,
+        listen=args.listen,
+    )
+    try:
+        text = import_openapi(args.spec, options)
+    except OpenApiImportError as e:
+        print(f"ferrogate: {e}", file=sys.stderr)
+        return 2
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"{args.output}: written", file=sys.stderr)
+    return 0
+
+
 def _version_text() -> str:
     from ferrogate import __version__
 
@@ -417,6 +441,29 @@ def _parser() -> argparse.ArgumentParser:
     plugins.add_argument("--pid-file", metavar="P", help="with --stats: the master's pid file")
     plugins.set_defaults(handler=_cmd_plugins)
 
+    imports = commands.add_parser("import", help="make a config from another description")
+    kinds = imports.add_subparsers(dest="kind", required=True, metavar="KIND")
+    openapi = kinds.add_parser(
+        "openapi", help="an API with one route per operation of an OpenAPI 3 document"
+    )
+    openapi.add_argument("spec", metavar="SPEC", help="the OpenAPI 3.0/3.1 document (YAML or JSON)")
+    openapi.add_argument("--api", metavar="NAME", help="the API's name (default: from the title)")
+    openapi.add_argument(
+        "--upstream", metavar="URL", help="where the API is served (default: its first server)"
+    )
+    openapi.add_argument(
+        "--api-version", metavar="V", help="the version's name (default: v<major of info.version>)"
+    )
+    openapi.add_argument("--base-path", metavar="P", help="the API's path (default: /<name>)")
+    openapi.add_argument(
+        "--validate", action="store_true", help="check requests against the document"
+    )
+    openapi.add_argument(
+        "--listen", default="127.0.0.1:8080", metavar="ADDR", help="the config's listen address"
+    )
+    openapi.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    openapi.set_defaults(handler=_cmd_import_openapi)
+
     schema = commands.add_parser("schema", help="print the JSON Schema of the config file")
     schema.set_defaults(handler=_cmd_schema)
 
@@ -455,6 +502,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     stats.add_argument("--timeout", type=float, default=10.0, metavar="S", help=argparse.SUPPRESS)
     stats.set_defaults(handler=_cmd_stats)
+
+    from ferrogate.admin_cli import add_parser as add_admin_parser
+
+    add_admin_parser(commands)
     return parser
 
 

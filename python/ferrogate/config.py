@@ -6,6 +6,7 @@ syntax, unknown keys, missing fields and wrong types (``structcheck``), cross-fi
 rejects. What it returns carries the *normalized* JSON the Rust workers read.
 """
 
+import datetime
 import ipaddress
 import json
 import os
@@ -18,7 +19,16 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from ferrogate.addresses import join_host_port, looks_like_url, parse_upstream_url, split_host_port
+from ferrogate.addresses import (
+    join_host_port,
+    looks_like_url,
+    parse_upstream_url,
+    speaks_http2,
+    split_host_port,
+)
+from ferrogate.admin_config import Admin, normalize_admin
+from ferrogate.api_versions import compile_apis
+from ferrogate.api_versions import uses_plugins as apis_use_plugins
 from ferrogate.cache_config import CacheStore, RouteCache, normalize_cache, normalize_route_cache
 from ferrogate.compression_config import (
     Compression,
@@ -274,6 +284,13 @@ class Upstream(_Section, kw_only=True, frozen=True):
         UpstreamTls | None,
         Meta(description="TLS towards the targets (verified by default); plain HTTP if absent."),
     ] = None
+    http2: Annotated[
+        bool,
+        Meta(
+            description="The targets speak HTTP/2 (gRPC servers): h2c with prior knowledge, or "
+            "h2 by ALPN with tls. A route's grpc:// or grpcs:// URL sets it."
+        ),
+    ] = False
 
 
 class Predicate(_Section, kw_only=True, frozen=True):
@@ -558,6 +575,114 @@ class Route(_Section, kw_only=True, frozen=True):
     ] = None
 
 
+class ApiVersioning(_Section, kw_only=True, frozen=True):
+    """Where a request names the version of an API it wants."""
+
+    by: Annotated[
+        Literal["path", "header", "query"],
+        Meta(
+            description="path: /<base_path>/<version>/... | header: a request header | "
+            "query: a query parameter."
+        ),
+    ] = "path"
+    name: Annotated[
+        str | None,
+        Meta(description='The header (default "Api-Version") or query parameter ("api-version").'),
+    ] = None
+
+
+class ApiVersion(_Section, kw_only=True, frozen=True):
+    """One version of an API: its upstream and where it is in its lifecycle."""
+
+    upstream: Annotated[
+        str, Meta(description="An upstream name, or a URL: http://127.0.0.1:9000[/base/path].")
+    ]
+    state: Annotated[
+        Literal["draft", "published", "deprecated", "retired"],
+        Meta(
+            description="draft: not routed | published | deprecated: served with Deprecation, "
+            "Sunset and Link headers | retired: 410 version_retired, never forwarded."
+        ),
+    ] = "published"
+    deprecation: Annotated[
+        datetime.date | None,
+        Meta(description="deprecated: the day (UTC) it was deprecated (the Deprecation header)."),
+    ] = None
+    sunset: Annotated[
+        datetime.date | None,
+        Meta(description="deprecated: the day (UTC) it stops being served (the Sunset header)."),
+    ] = None
+    successor: Annotated[
+        str | None,
+        Meta(description="The version that replaces this one (Link rel=successor-version)."),
+    ] = None
+    deprecation_link: Annotated[
+        str | None,
+        Meta(description="deprecated: a page about the deprecation (Link rel=deprecation)."),
+    ] = None
+    prefix: Annotated[
+        str | None,
+        Meta(description="Path versioning: its prefix instead of <base_path>/<name>."),
+    ] = None
+
+
+class ApiRoute(_Section, kw_only=True, frozen=True):
+    """A route template: compiled once for every routed version of the API."""
+
+    name: Annotated[
+        str | None, Meta(description="Part of the compiled routes' names; default: its index.")
+    ] = None
+    paths: Annotated[
+        list[str],
+        Meta(description="Patterns below the version's prefix, as a route's paths: /items/{id}."),
+    ]
+    methods: Annotated[list[str], Meta(description="HTTP methods; empty = any method.")] = []
+    headers: Annotated[list[Predicate], Meta(description="Headers that must all match.")] = []
+    query: Annotated[
+        list[Predicate], Meta(description="Decoded query parameters that must all match.")
+    ] = []
+    plugins: Annotated[
+        list[PluginUse], Meta(description="Plugins on these routes (after the API's own).")
+    ] = []
+    priority: Annotated[
+        int, Meta(description="Higher wins among routes on the same path pattern.")
+    ] = 0
+
+
+class Api(_Section, kw_only=True, frozen=True):
+    """An API with versions, each routed to its own upstream (compiled into routes)."""
+
+    versioning: Annotated[ApiVersioning, Meta(description="How a request names a version.")] = (
+        msgspec.field(default_factory=ApiVersioning)
+    )
+    base_path: Annotated[
+        str | None, Meta(description='Where the API\'s paths start; default "/<api name>".')
+    ] = None
+    default_version: Annotated[
+        str | None,
+        Meta(description="Header or query versioning: the version of requests that name none."),
+    ] = None
+    versions: Annotated[dict[str, ApiVersion], Meta(description="The versions by name.")]
+    routes: Annotated[
+        list[ApiRoute],
+        Meta(description="Route templates for every version; default: one catch-all route."),
+    ] = []
+    hosts: Annotated[
+        list[str], Meta(description="Hosts of every compiled route; empty = any host.")
+    ] = []
+    strip_prefix: Annotated[
+        bool,
+        Meta(
+            description="The upstream gets the path below the version's prefix (path "
+            "versioning) or below base_path; false: the path as the client sent it."
+        ),
+    ] = True
+    preserve_host: Annotated[
+        bool, Meta(description="Pass the client's Host; false: the target's host:port.")
+    ] = True
+    plugins: Annotated[list[PluginUse], Meta(description="Plugins on every route of the API.")] = []
+
+
 class Config(_Section, kw_only=True, frozen=True):
     """A ferrogate gateway configuration."""
 
@@ -594,7 +719,11 @@ class Config(_Section, kw_only=True, frozen=True):
     upstreams: Annotated[
         dict[str, Upstream], Meta(description="Named upstreams, referenced by routes.")
     ] = {}
-    routes: Annotated[list[Route], Meta(description="The routing table.")]
+    routes: Annotated[list[Route], Meta(description="The routing table.")] = []
+    apis: Annotated[
+        dict[str, Api],
+        Meta(description="Versioned APIs by name, compiled into routes after `routes`."),
+    ] = {}
     plugins: Annotated[
         list[PluginUse], Meta(description="Plugins on every route (a route may override one).")
     ] = []
@@ -658,6 +787,9 @@ class Config(_Section, kw_only=True, frozen=True):
     cache: Annotated[
         CacheStore, Meta(description="The response cache's store (routes choose to cache).")
     ] = msgspec.field(default_factory=CacheStore)
+    admin: Annotated[
+        Admin | None, Meta(description="The admin REST API and its entity store; off.")
+    ] = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -686,8 +818,10 @@ class _Normalizer:
     ) -> None:
         self.report = report
         self.base_dir = base_dir if base_dir is not None else Path.cwd()
-        # generated upstream name -> index of the route whose URL created it
-        self.generated: dict[str, int] = {}
+        # generated upstream name -> where the URL that created it is
+        self.generated: dict[str, DataPath] = {}
+        # index of a route compiled from `apis` -> where it and its path are in the file
+        self.route_origins: dict[int, tuple[DataPath, DataPath]] = {}
         self.registry: Registry | None = None
         self.top_plugins: list[Entry | None] = []
         # names of the upstreams the config defines (fallbacks refer to them)
@@ -763,8 +897,9 @@ class _Normalizer:
                 out_routes.append(
                     self.route(i, route, names, cfg.upstreams, out_upstreams, timeouts)
                 )
-        if not cfg.routes:
-            self.report(("routes",), "at least one route is needed")
+            compile_apis(self, cfg.apis, cfg.upstreams, names, out_routes, out_upstreams, timeouts)
+        if not cfg.routes and not cfg.apis:
+            self.report(("routes",), "at least one route (or API) is needed")
         observed = observe_settings(
             self,
             status=cfg.status,
@@ -838,6 +973,18 @@ class _Normalizer:
             "consumers": out_consumers,
             "status": observed["status"],
             "observe": observe,
+            "admin": normalize_admin(
+                cfg.admin,
+                self.base_dir,
+                [
+                    *listen,
+                    *(tls["listen"] if tls is not None else []),
+                    *([echo["listen"]] if echo is not None else []),
+                    *([observed["status"]["listen"]] if observed["status"] is not None else []),
+                ],
+                lambda value, at: self.address(value, at, listen=True),
+                self.report,
+            ),
         }
 
     def named_upstream(self, name: str, at: DataPath, upstreams: Mapping[str, Upstream]) -> None:
@@ -1006,7 +1153,7 @@ class _Normalizer:
         plugins_dir = None
         if cfg.plugins_dir is not None:
             plugins_dir = str((self.base_dir / cfg.plugins_dir).resolve())
-        if not (cfg.plugins or any(r.plugins for r in cfg.routes)):
+        if not (cfg.plugins or any(r.plugins for r in cfg.routes) or apis_use_plugins(cfg.apis)):
             return plugins_dir
         self.registry = discover(plugins_dir)
         for problem in self.registry.problems:
@@ -1068,6 +1215,7 @@ class _Normalizer:
             **upstream_settings(self, upstream, at, self.upstream_names),
             "adaptive_concurrency": self.adaptive(upstream.adaptive_concurrency, at),
             "tls": normalize_upstream_tls(upstream.tls, self.base_dir, (*at, "tls"), self.report),
+            "http2": upstream.http2,
         }
 
     def adaptive(self, cfg: AdaptiveConcurrency | None, at: DataPath) -> dict[str, Any] | None:
@@ -1120,8 +1268,12 @@ class _Normalizer:
         upstreams: Mapping[str, Upstream],
         out_upstreams: dict[str, Any],
         timeouts: Mapping[str, float],
+        at: DataPath | None = None,
+        inherited: list[Entry | None] | None = None,
     ) -> dict[str, Any]:
-        at: DataPath = ("routes", i)
+        """``at`` and ``inherited`` (plugins above the route's own) are for routes compiled
+        from ``apis``."""
+        at = ("routes", i) if at is None else at
         name = f"route-{i}" if route.name is None else route.name
         if not name:
             self.report((*at, "name"), "a route name cannot be empty")
@@ -1171,7 +1323,7 @@ class _Normalizer:
             "rewrite": route.rewrite,
             "preserve_host": route.preserve_host,
             "priority": route.priority,
-            "plugins": chain_of(i, self.top_plugins, own),
+            "plugins": chain_of(i, [*self.top_plugins, *(inherited or [])], own),
             "rate_limits": [
                 self.rate_limit(limit, (*at, "rate_limits", j), name)
                 for j, limit in enumerate(route.rate_limits)
@@ -1203,14 +1355,16 @@ class _Normalizer:
         url: str,
         out_upstreams: dict[str, Any],
         timeouts: Mapping[str, float],
+        at: DataPath | None = None,
     ) -> str:
         generated = f"{GENERATED_UPSTREAM_PREFIX}{name}"
+        at = ("routes", i, "upstream") if at is None else at
         try:
             address, path_prefix, tls = parse_upstream_url(url)
         except ValueError as e:
-            self.report(("routes", i, "upstream"), str(e))
+            self.report(at, str(e))
             return generated
-        self.generated[generated] = i
+        self.generated[generated] = at
         out_upstreams[generated] = {
             "targets": [{"address": address, "weight": 1}],
             "balance": "round_robin",
@@ -1221,6 +1375,7 @@ class _Normalizer:
             "path_prefix": path_prefix,
             **default_upstream_settings(self, ("upstreams", generated)),
             "tls": default_upstream_tls() if tls else None,
+            "http2": speaks_http2(url),
         }
         return generated
 
@@ -1305,7 +1460,10 @@ def _parse_core_path(text: str, data: Any) -> DataPath:
 
 
 def _core_problems(
-    normalized: dict[str, Any], text: str, generated: Mapping[str, int]
+    normalized: dict[str, Any],
+    text: str,
+    generated: Mapping[str, DataPath],
+    route_origins: Mapping[int, tuple[DataPath, DataPath]],
 ) -> list[tuple[DataPath, str]]:
     """What the data plane's compiler says about ``text``, as paths into the user's file."""
     # Imported here so that loading and schema generation work in tools without the
@@ -1317,7 +1475,11 @@ def _core_problems(
         path = _parse_core_path(path_text, normalized)
         if len(path) >= 2 and path[0] == "upstreams" and path[1] in generated:
             # The user never wrote this upstream: point at the URL it came from.
-            path = ("routes", generated[str(path[1])], "upstream")
+            path = generated[str(path[1])]
+        elif len(path) >= 2 and path[0] == "routes" and path[1] in route_origins:
+            # A route compiled from `apis`: its template, or the API's version.
+            at, paths_at = route_origins[int(path[1])]
+            path = paths_at if path[2:3] == ("paths",) else (*at, *path[2:3])
         problems.append((path, message))
     return problems
 
@@ -1375,7 +1537,9 @@ def load_config_text(
     normalizer = _Normalizer(semantic, (where / file).parent)
     normalized = normalizer.config(partial)
     text_json = json.dumps(normalized, separators=(",", ":"))
-    for path, message in _core_problems(normalized, text_json, normalizer.generated):
+    for path, message in _core_problems(
+        normalized, text_json, normalizer.generated, normalizer.route_origins
+    ):
         if not problems:
             problems.append(doc.problem(path, message))
         elif path and not _under(path, reported) and not doc.is_tainted(path):

@@ -65,9 +65,14 @@ Secret = Annotated[
 
 
 class KeyAuthCredential(_Section, tag="key-auth", tag_field="type", kw_only=True, frozen=True):
-    """An API key (key-auth plugin). Stored as its SHA-256 only."""
+    """An API key (key-auth plugin). Stored as its SHA-256 only; `key_sha256` takes that
+    digest instead of the key (the admin API's store keeps keys this way)."""
 
-    key: Secret
+    key: Secret | None = None
+    key_sha256: Annotated[
+        Annotated[str, Meta(pattern="^[0-9a-f]{64}$")] | None,
+        Meta(description="The key's SHA-256, lower-case hex."),
+    ] = None
 
 
 class BasicAuthCredential(_Section, tag="basic-auth", tag_field="type", kw_only=True, frozen=True):
@@ -193,10 +198,16 @@ def normalize_consumer(
             return _read_secret(value, base_dir, report, (*where, key))
 
         if isinstance(c, KeyAuthCredential):
-            key = secret(c.key, "key")
-            if len(key) < 8:
-                report((*where, "key"), "an API key needs at least 8 characters")
-            digest = hash_key(key)
+            if (c.key is None) == (c.key_sha256 is None):
+                report(where, "give exactly one of 'key' or 'key_sha256'")
+                continue
+            if c.key is not None:
+                key = secret(c.key, "key")
+                if len(key) < 8:
+                    report((*where, "key"), "an API key needs at least 8 characters")
+                digest = hash_key(key)
+            else:
+                digest = str(c.key_sha256)
             creds.append({"type": "key-auth", "id": digest[:12], "key_sha256": digest})
         elif isinstance(c, BasicAuthCredential):
             if (c.password is None) == (c.password_hash is None):

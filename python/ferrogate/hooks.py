@@ -579,7 +579,7 @@ class Response:
     answer without contacting the upstream.
     """
 
-    __slots__ = ("_headers", "_orig_status", "body", "status")
+    __slots__ = ("_headers", "_orig_status", "body", "status", "trailers")
 
     def __init__(
         self,
@@ -599,6 +599,8 @@ class Response:
             if "content-type" not in self._headers:
                 self._headers["content-type"] = "text/plain; charset=utf-8"
         self.body: bytes | None = body
+        # The upstream's trailers (a gRPC status), in buffered body hooks; None otherwise.
+        self.trailers: Headers | None = None
 
     @property
     def headers(self) -> Headers:
@@ -1116,10 +1118,13 @@ class Host:
         req.response = resp
         self._submit(run_response_async(self.chains[chain], req, resp), done)
 
-    def response_body(self, chain: int, req: Request, body: bytes) -> tuple[Any, bytes]:
+    def response_body(
+        self, chain: int, req: Request, body: bytes, trailers: "str | None" = None
+    ) -> tuple[Any, bytes]:
         resp = req.response
         if resp is None:
             resp = req.response = _wire_response(200, "")
+        resp.trailers = None if trailers is None else _wire_headers(trailers)
         out = run_body(self.chains[chain], req, resp, body)
         return resp._decision(), out
 
@@ -1195,6 +1200,7 @@ def _wire_response(status: int, blob: "str | bytes") -> Response:
     r._orig_status = status
     r._headers = _wire_headers(blob)
     r.body = None
+    r.trailers = None
     return r
 
 

@@ -10,19 +10,23 @@ a growing delay. SIGTERM or SIGINT stop the workers gracefully, then the master.
 import contextlib
 import json
 import os
+import queue
 import re
 import select
 import shlex
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+from ferrogate.admin_api import AdminApi
 from ferrogate.config import ConfigError, LoadedConfig, load_config
 from ferrogate.events import emit
 from ferrogate.listeners import local_url, open_listener
@@ -110,6 +114,10 @@ class Master:
         self.observatory: Observatory | None = None
         # pid -> worker id of retired workers (resized away) still draining
         self._retired_ids: dict[int, int] = {}
+        self.admin: AdminApi | None = None
+        # Changes the admin API validated, applied by the main loop like a reload.
+        self._admin_changes: queue.Queue[tuple[LoadedConfig, int, threading.Event]] = queue.Queue()
+        self._admin_revision = 0
 
     # --- signals -----------------------------------------------------------------------
 
@@ -145,6 +153,21 @@ class Master:
             for problem in e.problems:
                 print(problem, file=sys.stderr)
             return 2
+        admin = loaded.normalized.get("admin")
+        if admin is not None:
+            try:
+                self.admin = AdminApi(self.config_path, admin, self._apply_admin_change)
+                loaded = self.admin.effective(loaded)
+            except ConfigError as e:
+                for problem in e.problems:
+                    print(f"ferrogate: the admin store's config: {problem}", file=sys.stderr)
+                return 2
+            except (OSError, sqlite3.Error) as e:
+                print(
+                    f"ferrogate: cannot open the admin store {admin['store']['path']}: {e}",
+                    file=sys.stderr,
+                )
+                return 1
         warn_unverified(loaded.normalized["upstreams"])
         self.pid_file = resolve_pid_file(
             self.config_path, loaded.config.pid_file, self.pid_file_override
@@ -191,6 +214,16 @@ class Master:
                     file=sys.stderr,
                 )
                 return 1
+            if self.admin is not None:
+                try:
+                    self.admin.start()
+                except OSError as e:
+                    print(
+                        f"ferrogate: cannot serve the admin API on {admin and admin['listen']}: "
+                        f"{e.strerror or e}",
+                        file=sys.stderr,
+                    )
+                    return 1
             self._start_children(loaded)
             self._banner(loaded)
             emit(
@@ -209,6 +242,8 @@ class Master:
             self._kill_leftovers()
             if self.observatory is not None:
                 self.observatory.stop()
+            if self.admin is not None:
+                self.admin.stop()
             for sock in [*self.listeners, *self.tls_listeners, self.echo_socket]:
                 if sock is not None:
                     sock.close()
@@ -261,6 +296,7 @@ class Master:
             "generation": self.reloads,
             # The workers never need the admin token; keep it out of the file.
             "status": None,
+            "admin": None,
         }
         self.grace_period = float(runtime["grace_period"])
         # Credentials that verification needs as they are (HMAC, JWT) are in it: ours only.
@@ -355,6 +391,10 @@ class Master:
             f"worker{'s' if len(self.workers) != 1 else ''}, config {self.config_path}",
         ]
         lines += [f"  listening on {url}" for url in [*urls, *https]]
+        if self.admin is not None and self.admin.server is not None:
+            host, port = self.admin.server.address
+            where = f"[{host}]" if ":" in host else host
+            lines.append(f"  admin API on http://{where}:{port}")
         if self.echo_socket is not None:
             lines.append(f"  echo upstream on {local_url(self.echo_socket)}")
             examples = _example_requests(loaded.normalized["routes"], _curlable(urls[0]))
@@ -395,6 +435,7 @@ class Master:
                     for slot in self.workers.values():
                         if slot.proc is not None:
                             self._signal(slot.proc, signal.SIGUSR1)
+            self._apply_admin_changes()
             now = time.monotonic()
             self._reap(now)
             next_due = now + _TICK
@@ -442,10 +483,41 @@ class Master:
 
     # --- reload ------------------------------------------------------------------------
 
-    def _reload(self) -> None:
+    def _apply_admin_change(self, loaded: LoadedConfig, revision: int) -> None:
+        """Called on an admin API thread: the main loop applies ``loaded`` as a reload."""
+        done = threading.Event()
+        self._admin_changes.put((loaded, revision, done))
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+        if not done.wait(30.0):
+            emit("warning", "admin_change_not_applied_yet", revision=revision)
+
+    def _apply_admin_changes(self) -> None:
+        """The newest queued revision only: an older one must not undo a newer one."""
+        batch = []
+        while not self._admin_changes.empty():
+            batch.append(self._admin_changes.get_nowait())
+        if not batch:
+            return
+        loaded, revision, _ = max(batch, key=lambda change: change[1])
+        if revision > self._admin_revision:
+            self._admin_revision = revision
+            self._reload(loaded)
+        for _, _, done in batch:
+            done.set()
+
+    def _load(self) -> LoadedConfig:
+        loaded = load_config(self.config_path)
+        if self.admin is not None:
+            if loaded.normalized.get("admin") is not None:
+                self.admin.update_settings(loaded.normalized["admin"])
+            loaded = self.admin.effective(loaded)
+        return loaded
+
+    def _reload(self, change: LoadedConfig | None = None) -> None:
         self.reloads += 1
         try:
-            loaded = load_config(self.config_path)
+            loaded = change if change is not None else self._load()
         except ConfigError as e:
             problems = [str(p) for p in e.problems]
             emit("error", "config_reload_failed", config=self.config_path, problems=problems)

@@ -23,6 +23,7 @@ Phases, in request order:
   ``resp.status`` and ``resp.headers``.
 - ``on_response_body(req, resp, body) -> bytes | None``: the whole body (buffered, up to
   ``max_body_size``); may also change status and headers. Return None to keep it.
+  ``resp.trailers`` holds the upstream's trailers (a gRPC status), or None.
 - ``on_response_chunk(req, resp, chunk, last) -> bytes | None``: the body chunk by chunk as
   it streams (headers already sent). Return None to pass the chunk unchanged.
 - ``on_log(req, resp, info)``: after the response was sent; never delays the client.

@@ -37,6 +37,9 @@ BUILTIN = {
     "json-threat-protection": "ferrogate.plugins.json_threat_protection:JsonThreatProtection",
     "policy": "ferrogate.plugins.policy:Policy",
     "request-validation": "ferrogate.plugins.request_validation:RequestValidation",
+    "graphql": "ferrogate.plugins.graphql:GraphQL",
+    "soap": "ferrogate.plugins.soap:Soap",
+    "grpc-transcode": "ferrogate.plugins.grpc_transcode:GrpcTranscode",
 }
 
 BodyMode = Literal["none", "buffered", "streamed"]

@@ -86,7 +86,7 @@ class StatusServer:
             def _serve(self) -> None:
                 server.serve_one(self)
 
-            do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _serve
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _serve
 
         self.httpd = ThreadingHTTPServer((host.strip("[]"), port), Handler)
         self.httpd.daemon_threads = True

@@ -103,6 +103,20 @@ impl RequestBody {
         }
     }
 
+    /// What stays with the request while its body streams from another task (an HTTP/2
+    /// upstream's connection): empty, and never sent again.
+    pub fn moved() -> Self {
+        RequestBody {
+            inner: None,
+            first: None,
+            seen: 0,
+            limit: 0,
+            handed: true,
+            keep: Keep::Lost,
+            capture: None,
+        }
+    }
+
     /// Body bytes read from the client so far.
     pub fn bytes_read(&self) -> u64 {
         self.seen
@@ -206,23 +220,46 @@ impl RequestBody {
 }
 
 /// Read a whole body of at most `cap` bytes (0 = no cap); `None` when it is larger.
-pub async fn collect_capped<B>(mut body: B, cap: u64) -> Result<Option<Bytes>, B::Error>
+pub async fn collect_capped<B>(body: B, cap: u64) -> Result<Option<Bytes>, B::Error>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    Ok(collect_with_trailers(body, cap).await?.map(|(b, _)| b))
+}
+
+/// [`collect_capped`], keeping the trailers (a gRPC response's status is there).
+pub async fn collect_with_trailers<B>(
+    mut body: B,
+    cap: u64,
+) -> Result<Option<(Bytes, Option<http::HeaderMap>)>, B::Error>
 where
     B: Body<Data = Bytes> + Unpin,
 {
     use http_body_util::BodyExt;
     let mut parts: Vec<Bytes> = Vec::new();
     let mut total = 0u64;
+    let mut trailers: Option<http::HeaderMap> = None;
     while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame?.into_data() {
-            total += data.len() as u64;
-            if cap > 0 && total > cap {
-                return Ok(None);
+        match frame?.into_data() {
+            Ok(data) => {
+                total += data.len() as u64;
+                if cap > 0 && total > cap {
+                    return Ok(None);
+                }
+                parts.push(data);
             }
-            parts.push(data);
+            Err(frame) => {
+                if let Ok(t) = frame.into_trailers() {
+                    trailers.get_or_insert_with(Default::default).extend(t);
+                }
+            }
         }
     }
-    Ok(Some(match parts.len() {
+    Ok(Some((join(parts, total), trailers)))
+}
+
+fn join(mut parts: Vec<Bytes>, total: u64) -> Bytes {
+    match parts.len() {
         0 => Bytes::new(),
         1 => parts.pop().expect("one part"),
         _ => {
@@ -232,7 +269,7 @@ where
             }
             all.freeze()
         }
-    }))
+    }
 }
 
 impl Body for RequestBody {
@@ -323,6 +360,10 @@ pub enum ResponseBody<G> {
     Observed(Box<(ResponseBody<G>, crate::observe::Finish)>),
     /// Compressed on the way out (`compress.rs`).
     Compressed(Box<crate::compress::Compressed<ResponseBody<G>>>),
+    /// A whole body, then trailers (a buffered gRPC response after the plugins' body hooks).
+    Trailed(Option<Bytes>, Option<Box<http::HeaderMap>>),
+    /// A gRPC response framed for a gRPC-Web client (`grpc_web.rs`).
+    GrpcWeb(Box<crate::grpc_web::WebBody<ResponseBody<G>>>),
 }
 
 /// The plugin side of a response body: chunk hooks (streamed mode), and the log record
@@ -451,6 +492,11 @@ impl<G: Unpin> Body for ResponseBody<G> {
             }
             ResponseBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ResponseBody::Compressed(c) => Pin::new(&mut **c).poll_frame(cx),
+            ResponseBody::GrpcWeb(w) => Pin::new(&mut **w).poll_frame(cx),
+            ResponseBody::Trailed(b, t) => Poll::Ready(match b.take().filter(|b| !b.is_empty()) {
+                Some(b) => Some(Ok(Frame::data(b))),
+                None => t.take().map(|t| Ok(Frame::trailers(*t))),
+            }),
             ResponseBody::Tapped(t) => {
                 let (inner, tap) = &mut **t;
                 loop {
@@ -502,6 +548,8 @@ impl<G: Unpin> Body for ResponseBody<G> {
             ResponseBody::Tapped(t) => t.0.is_end_stream() && (!t.1.stream || t.1.last_seen),
             ResponseBody::Observed(o) => o.0.is_end_stream(),
             ResponseBody::Compressed(c) => c.is_end_stream(),
+            ResponseBody::GrpcWeb(w) => w.is_end_stream(),
+            ResponseBody::Trailed(b, t) => b.as_ref().is_none_or(|b| b.is_empty()) && t.is_none(),
         }
     }
 
@@ -513,6 +561,8 @@ impl<G: Unpin> Body for ResponseBody<G> {
             ResponseBody::Tapped(t) => t.0.size_hint(),
             ResponseBody::Observed(o) => o.0.size_hint(),
             ResponseBody::Compressed(c) => c.size_hint(),
+            ResponseBody::GrpcWeb(w) => w.size_hint(),
+            ResponseBody::Trailed(..) => SizeHint::default(),
         }
     }
 }

@@ -552,6 +552,9 @@ pub struct UpstreamConfig {
     /// TLS towards the targets (`upstream_tls.rs`); None: plain HTTP.
     #[serde(default)]
     pub tls: Option<UpstreamTlsConfig>,
+    /// The targets speak HTTP/2 (`h2client.rs`): h2c, or h2 by ALPN with `tls`.
+    #[serde(default)]
+    pub http2: bool,
 }
 
 /// `upstreams.NAME.tls`: how the gateway's connections to the targets are secured; file
@@ -659,6 +662,12 @@ pub struct RouteConfig {
     /// Seconds a WebSocket session may stay silent both ways; 0: no limit.
     #[serde(default = "default_websocket_idle")]
     pub websocket_idle: f64,
+    /// Static headers on every response of the route (`lifecycle.rs`).
+    #[serde(default)]
+    pub response_headers: Vec<crate::lifecycle::ResponseHeaderConfig>,
+    /// The route answers with this error (a retired or unknown API version, `lifecycle.rs`).
+    #[serde(default)]
+    pub refuse: Option<crate::lifecycle::RefuseConfig>,
 }
 
 fn default_websocket_idle() -> f64 {

@@ -105,7 +105,15 @@ pub async fn dispatch(
         body.keep_for_resend(policy.body_buffer);
     }
     let attempt_timeouts = timeouts.attempt();
-    let total = timeouts.total.map(|t| started + t);
+    let mut total = timeouts.total.map(|t| started + t);
+    // A gRPC client's deadline bounds the call too (`grpc.rs`).
+    let grpc_deadline = parts
+        .extensions
+        .get::<crate::grpc::Call>()
+        .and_then(|c| c.deadline);
+    if let Some(d) = grpc_deadline {
+        total = Some(total.map_or(d, |t| t.min(d)));
+    }
     let mut tried: Vec<usize> = Vec::new();
     let mut attempt_start = started;
     let result = loop {
@@ -115,6 +123,13 @@ pub async fn dispatch(
         }
         if let Some(run) = ctx.plugins.as_mut() {
             run.upstream = Some(target.address.clone());
+        }
+        if let Some(d) = grpc_deadline {
+            // What is left of the deadline, after the time spent here.
+            let left = d.saturating_duration_since(Instant::now());
+            parts
+                .headers
+                .insert(crate::grpc::GRPC_TIMEOUT, crate::grpc::format_timeout(left));
         }
         let send = target
             .pool

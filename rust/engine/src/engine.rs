@@ -50,6 +50,8 @@ pub struct Engine {
     pub cache: crate::cache::Stores,
     /// Response compression per route index; empty when no route compresses.
     pub compression: Vec<Option<Arc<crate::compress::Policy>>>,
+    /// Static response headers and retired routes (API version lifecycle), by route index.
+    pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
 }
 
 fn compression_policies(config: &GatewayConfig) -> Vec<Option<Arc<crate::compress::Policy>>> {
@@ -203,14 +205,22 @@ impl Engine {
         let cache = crate::cache::Stores::build(&config.cache, previous.map(|p| &p.cache))
             .map_err(|e| problems.push(ConfigProblem::new("cache.redis.url", e)))
             .ok();
+        let lifecycle = crate::lifecycle::Lifecycle::build(&config.routes)
+            .map_err(|mut p| problems.append(&mut p))
+            .map(Arc::new)
+            .ok();
         if !problems.is_empty() {
             return Err(problems);
         }
+        let lifecycle = lifecycle.expect("no problems means the lifecycle compiled");
         let mut filters: Vec<Box<dyn Filter>> = Vec::new();
         if config.limits.max_body_bytes > 0 {
             filters.push(Box::new(BodyLimit(config.limits.max_body_bytes)));
         }
         filters.push(Box::new(ForwardedHeaders));
+        if lifecycle.refuses() {
+            filters.push(Box::new(crate::lifecycle::RefusedRoutes(lifecycle.clone())));
+        }
         if global_ip.is_some() || config.routes.iter().any(|r| r.ip_restriction.is_some()) {
             // First: a refused address costs no rate limit token and no plugin run.
             filters.insert(
@@ -241,6 +251,7 @@ impl Engine {
             waf,
             cache: cache.expect("no problems means the cache stores were made"),
             compression: compression_policies(config),
+            lifecycle,
         })
     }
 

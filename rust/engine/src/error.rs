@@ -25,6 +25,8 @@ pub enum ErrorKind {
     CircuitOpen,
     ClientCertRequired,
     WafBlocked,
+    VersionRetired,
+    UnknownVersion,
 }
 
 impl ErrorKind {
@@ -51,6 +53,8 @@ impl ErrorKind {
             // No HTTP authentication scheme can supply a certificate: 403, not 401.
             ErrorKind::ClientCertRequired => StatusCode::FORBIDDEN,
             ErrorKind::WafBlocked => StatusCode::FORBIDDEN,
+            ErrorKind::VersionRetired => StatusCode::GONE,
+            ErrorKind::UnknownVersion => StatusCode::NOT_FOUND,
         }
     }
 
@@ -76,6 +80,8 @@ impl ErrorKind {
             ErrorKind::CircuitOpen => "circuit_open",
             ErrorKind::ClientCertRequired => "client_cert_required",
             ErrorKind::WafBlocked => "waf_blocked",
+            ErrorKind::VersionRetired => "version_retired",
+            ErrorKind::UnknownVersion => "unknown_version",
         }
     }
 
@@ -92,6 +98,8 @@ impl ErrorKind {
 pub struct GatewayError {
     pub kind: ErrorKind,
     pub message: String,
+    /// One more member of the error object (a retired version's `successor`).
+    pub detail: Option<Box<(&'static str, serde_json::Value)>>,
 }
 
 impl GatewayError {
@@ -99,17 +107,26 @@ impl GatewayError {
         GatewayError {
             kind,
             message: message.into(),
+            detail: None,
         }
     }
 
+    pub fn with_detail(mut self, key: &'static str, value: serde_json::Value) -> Self {
+        self.detail = Some(Box::new((key, value)));
+        self
+    }
+
     pub fn body(&self, request_id: &HeaderValue) -> String {
-        serde_json::json!({"error": {
+        let mut body = serde_json::json!({"error": {
             "status": self.kind.status().as_u16(),
             "code": self.kind.code(),
             "message": self.message,
             "request_id": request_id.to_str().unwrap_or(""),
-        }})
-        .to_string()
+        }});
+        if let Some((key, value)) = self.detail.as_deref() {
+            body["error"][*key] = value.clone();
+        }
+        body.to_string()
     }
 
     pub fn into_response<B>(self, request_id: &HeaderValue, full: impl FnOnce(String) -> B) -> Response<B> {

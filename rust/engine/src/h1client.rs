@@ -755,9 +755,27 @@ pub struct UpstreamBody {
     idle: Option<Duration>,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     timer_armed: bool,
+    /// An HTTP/2 upstream's body (`h2client.rs`): its frames, trailers included, as they come.
+    h2: Option<Box<hyper::body::Incoming>>,
 }
 
 impl UpstreamBody {
+    /// The body of a response from an HTTP/2 upstream.
+    pub fn h2(body: hyper::body::Incoming) -> Self {
+        UpstreamBody {
+            conn: None,
+            kind: BodyKind::UntilClose,
+            chunk: Chunk::Size,
+            done: false,
+            keep_alive: false,
+            home: None,
+            idle: None,
+            timer: None,
+            timer_armed: false,
+            h2: Some(Box::new(body)),
+        }
+    }
+
     /// `idle`: fail the body when the upstream sends nothing more for this long.
     pub fn new(
         conn: Conn,
@@ -776,6 +794,7 @@ impl UpstreamBody {
             idle,
             timer: None,
             timer_armed: false,
+            h2: None,
         };
         if framing.kind == BodyKind::Empty {
             body.finish();
@@ -833,6 +852,9 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = &mut *self;
+        if let Some(h2) = this.h2.as_mut() {
+            return Pin::new(&mut **h2).poll_frame(cx).map_err(io::Error::other);
+        }
         loop {
             if this.done {
                 return Poll::Ready(None);
@@ -896,10 +918,16 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done
+        match &self.h2 {
+            Some(h2) => h2.is_end_stream(),
+            None => self.done,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
+        if let Some(h2) = &self.h2 {
+            return h2.size_hint();
+        }
         match self.kind {
             BodyKind::Sized(n) => SizeHint::with_exact(n),
             BodyKind::Empty | BodyKind::Switched => SizeHint::with_exact(0),

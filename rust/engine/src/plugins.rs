@@ -203,12 +203,14 @@ pub trait PluginHost: Send + Sync {
         headers: &HeaderMap,
     ) -> Hook<ResponseEdits>;
 
-    /// The whole response body (buffered mode); may change the head too.
+    /// The whole response body (buffered mode) and its trailers, if any; may change the
+    /// head too.
     fn on_response_body(
         &self,
         chain: u32,
         state: &PluginState,
         body: Bytes,
+        trailers: Option<&HeaderMap>,
     ) -> HookResult<(ResponseEdits, Bytes)>;
 
     /// One chunk of a streamed response body; `last` marks the final one.

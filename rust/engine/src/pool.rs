@@ -46,6 +46,8 @@ pub struct ConnPool {
     idle: Mutex<Vec<IdleConn>>,
     /// When a TLS failure was last logged (ns on the health clock), to log one a second.
     tls_logged: std::sync::atomic::AtomicU64,
+    /// Some: the target speaks HTTP/2 (one multiplexed connection, `h2client.rs`).
+    h2: Option<crate::h2client::H2Conn>,
 }
 
 /// Why a request could not be sent or answered. A read or write timeout is an
@@ -115,7 +117,24 @@ impl ConnPool {
             tls,
             idle: Mutex::new(Vec::new()),
             tls_logged: std::sync::atomic::AtomicU64::new(0),
+            h2: None,
         })
+    }
+
+    /// A pool for a target that speaks HTTP/2 (h2c, or h2 by ALPN when `tls` is given).
+    pub fn http2(address: &str, settings: PoolSettings, tls: Option<TargetTls>) -> Arc<Self> {
+        Arc::new(ConnPool {
+            address: address.to_string(),
+            settings,
+            h2: Some(crate::h2client::H2Conn::new(address, tls.clone())),
+            tls,
+            idle: Mutex::new(Vec::new()),
+            tls_logged: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    pub fn is_http2(&self) -> bool {
+        self.h2.is_some()
     }
 
     /// Whether a TLS failure at `now` (ns) should be logged: at most one a second, since
@@ -179,6 +198,10 @@ impl ConnPool {
         timeouts: &AttemptTimeouts,
         started: Instant,
     ) -> Result<Response<UpstreamBody>, SendError> {
+        if let Some(h2) = &self.h2 {
+            let resp = h2.send(parts, body, timeouts, started).await?;
+            return Ok(resp.map(UpstreamBody::h2));
+        }
         let mut deadline = timeouts.read.map(|r| ((started + r).into(), r));
         loop {
             let (conn, reused) = match self.take() {

@@ -1,7 +1,7 @@
 //! The request path. One function per phase, called in order by [`handle`]; see
 //! `phase.rs` for the phase names and docs/architecture.md for the picture.
 
-use crate::body::{collect_capped, BodyTap, RequestBody, ResponseBody};
+use crate::body::{collect_capped, collect_with_trailers, BodyTap, RequestBody, ResponseBody};
 use crate::config::HashSource;
 use crate::dispatch::{dispatch, Dispatched};
 use crate::engine::Engine;
@@ -139,8 +139,17 @@ pub async fn handle(
         websocket: None,
         websocket_session: None,
     };
-    let (head, body) = req.into_parts();
-    let compress_side = (!engine.compression.is_empty())
+    let (mut head, body) = req.into_parts();
+    // A gRPC call gets gRPC answers, errors included; a gRPC-Web one goes upstream as gRPC.
+    let grpc = crate::grpc::Call::of(&head.headers, Instant::now());
+    if let Some(call) = grpc {
+        if let Some(web) = call.web {
+            web.to_grpc_request(&mut head.headers);
+        }
+        head.extensions.insert(call);
+    }
+    // gRPC compresses its own messages (`grpc-encoding`).
+    let compress_side = (!engine.compression.is_empty() && grpc.is_none())
         .then(|| crate::compress::RequestSide::of(&head.method, &head.headers));
     let record = observer.start(&head, &mut ctx, &engine.trusted_proxies);
     // Until the record is filled below, a dropped future (the client left) still logs it.
@@ -163,6 +172,18 @@ pub async fn handle(
         None => resp,
         Some(run) => plugin_response(run, ctx, resp).await,
     };
+    if let Some(call) = &grpc {
+        resp = crate::grpc::as_grpc(resp, ctx.upstream_time.is_some()).await;
+        if let Some(web) = call.web {
+            let (mut parts, body) = resp.into_parts();
+            let state = web.respond_head(&mut parts.headers);
+            let body = crate::grpc_web::WebBody { inner: body, state };
+            resp = Response::from_parts(parts, ResponseBody::GrpcWeb(Box::new(body)));
+        }
+    }
+    if let Some(route) = &ctx.route {
+        engine.lifecycle.apply(route.index, resp.headers_mut());
+    }
     if let Some(rate) = &ctx.rate {
         let status = resp.status();
         rate.apply(resp.headers_mut(), status);
@@ -371,6 +392,12 @@ async fn forward(
         )?),
         _ => None,
     };
+    // A gRPC-Web text body is base64 as a whole: decoded before anything reads it.
+    let web_text = parts
+        .extensions
+        .get::<crate::grpc::Call>()
+        .and_then(|c| c.web)
+        .is_some_and(|w| w.text);
     let mut client_body = match &ctx.plugins {
         Some(run) if run.spec.request_body => {
             let cap = match (run.spec.body_cap, engine.limits.max_body_bytes) {
@@ -379,11 +406,17 @@ async fn forward(
             };
             ClientBody::Whole(read_whole_body(body, cap, upstream).await?)
         }
+        _ if web_text => {
+            ClientBody::Whole(read_whole_body(body, engine.limits.max_body_bytes, upstream).await?)
+        }
         _ => {
             let (body, first) = read_first_chunk(&parts.headers, body, upstream).await?;
             ClientBody::Stream(body, first)
         }
     };
+    if let (true, ClientBody::Whole(b)) = (web_text, &mut client_body) {
+        *b = crate::grpc_web::decode_text(b).map_err(|m| GatewayError::new(ErrorKind::BadRequest, m))?;
+    }
     if let Some(inspection) = waf {
         let read = match &mut client_body {
             ClientBody::Whole(b) => b.clone(),
@@ -780,8 +813,18 @@ async fn plugin_response(
         }
     }
     if spec.response_body == BodyMode::Buffered && !failed {
-        let outcome = match collect_capped(body, spec.body_cap).await {
-            Ok(Some(bytes)) => run.host.on_response_body(spec.chain, &state, bytes),
+        let mut kept = None;
+        let outcome = match collect_with_trailers(body, spec.body_cap).await {
+            Ok(Some((bytes, trailers))) => {
+                let out = run
+                    .host
+                    .on_response_body(spec.chain, &state, bytes.clone(), trailers.as_ref());
+                // Trailers go on with the body they belong to; a new body is a plain answer.
+                if matches!(&out, Ok((_, o)) if *o == bytes) {
+                    kept = trailers;
+                }
+                out
+            }
             Ok(None) => Err(GatewayError::new(
                 ErrorKind::ResponseTooLarge,
                 format!(
@@ -800,7 +843,13 @@ async fn plugin_response(
                 parts
                     .headers
                     .insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
-                body = ResponseBody::full(out);
+                body = match kept {
+                    // Ends with the head (HTTP/2: END_STREAM on HEADERS), so a gRPC
+                    // trailers-only answer stays one; an empty DATA frame would break it.
+                    None if out.is_empty() => ResponseBody::Full(None),
+                    None => ResponseBody::full(out),
+                    Some(t) => ResponseBody::Trailed(Some(out), Some(Box::new(t))),
+                };
             }
             Err(e) => {
                 failed = true;

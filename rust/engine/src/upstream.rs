@@ -206,9 +206,13 @@ impl Upstream {
                     // A pool stays warm across a reload only with the same TLS settings and
                     // files: new ones apply to new connections.
                     pool: reuse(&t.address, &settings)
-                        .filter(|p| p.tls == target_tls)
+                        .filter(|p| p.tls == target_tls && p.is_http2() == cfg.http2)
                         .unwrap_or_else(|| {
-                            ConnPool::with_tls(&t.address, settings.clone(), target_tls.clone())
+                            if cfg.http2 {
+                                ConnPool::http2(&t.address, settings.clone(), target_tls.clone())
+                            } else {
+                                ConnPool::with_tls(&t.address, settings.clone(), target_tls.clone())
+                            }
                         }),
                     health: {
                         let health = reuse_health(&t.address).unwrap_or_else(|| {

@@ -23,6 +23,8 @@ pub struct UpstreamTls {
     settings: UpstreamTlsConfig,
     files: u64,
     connector: tokio_rustls::TlsConnector,
+    /// The same settings offering only "h2" by ALPN, for HTTP/2 upstreams (`h2client.rs`).
+    h2_connector: tokio_rustls::TlsConnector,
 }
 
 impl std::fmt::Debug for UpstreamTls {
@@ -54,6 +56,14 @@ impl TargetTls {
         stream: tokio::net::TcpStream,
     ) -> io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
         self.tls.connector.connect(self.name.clone(), stream).await
+    }
+
+    /// [`connect`](TargetTls::connect) for an HTTP/2 upstream.
+    pub async fn connect_h2(
+        &self,
+        stream: tokio::net::TcpStream,
+    ) -> io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        self.tls.h2_connector.connect(self.name.clone(), stream).await
     }
 }
 
@@ -164,10 +174,13 @@ impl UpstreamTls {
         // HTTP/2 towards upstreams is not spoken; saying so lets an upstream that would
         // pick h2 by ALPN stay on HTTP/1.1.
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let mut h2 = config.clone();
+        h2.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(UpstreamTls {
             settings: cfg.clone(),
             files: crate::balancer::hash64(&digest),
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            h2_connector: tokio_rustls::TlsConnector::from(Arc::new(h2)),
         }))
     }
 

@@ -522,15 +522,17 @@ impl PluginHost for PyHost {
         chain: u32,
         state: &PluginState,
         body: Bytes,
+        trailers: Option<&HeaderMap>,
     ) -> HookResult<(ResponseEdits, Bytes)> {
         Python::attach(|py| {
             let req = state_of(state).bind(py);
+            let trailers = trailers.map(|t| header_blob(py, t));
             let out = self
                 .host
                 .bind(py)
                 .call_method1(
                     intern!(py, "response_body"),
-                    (chain, req, PyBytes::new(py, &body)),
+                    (chain, req, PyBytes::new(py, &body), trailers),
                 )
                 .map_err(|e| plugin_error(py, &e))?;
             let (decision, out): (Bound<'_, PyAny>, Bound<'_, PyAny>) = out

@@ -1,0 +1,117 @@
+"""The `admin:` section: the admin API's listener, its tokens and roles, and its store."""
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from ferrogate.consumers import SecretFile
+from ferrogate.problems import DataPath
+
+__all__ = ["ROLES", "Admin", "AdminStore", "AdminToken", "normalize_admin"]
+
+Role = Literal["read-only", "operator", "admin"]
+ROLES: tuple[str, ...] = ("read-only", "operator", "admin")
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    pass
+
+
+class AdminToken(_Section, kw_only=True, frozen=True):
+    """A bearer token of the admin API and the role it carries."""
+
+    token: Annotated[
+        str | SecretFile,
+        Meta(description="The token inline (${VAR} for an environment variable) or {file: PATH}."),
+    ]
+    role: Annotated[
+        Role,
+        Meta(
+            description="read-only: GET only | operator: also changes routes, upstreams, "
+            "plugins and the other entities except consumers | admin: everything."
+        ),
+    ]
+
+
+class AdminStore(_Section, kw_only=True, frozen=True):
+    """Where the entities (routes, upstreams, ...) live."""
+
+    type: Annotated[
+        Literal["sqlite", "file"],
+        Meta(
+            description="sqlite: an embedded database, seeded from this file on first start, "
+            "changed through the API | file: this file is the source of truth and the API "
+            "is read-only."
+        ),
+    ] = "sqlite"
+    path: Annotated[
+        str | None,
+        Meta(
+            description="The SQLite database (default ferrogate-admin.db), or with type: file "
+            "the JSON-lines audit log (default ferrogate-admin-audit.jsonl); relative to the "
+            "config file."
+        ),
+    ] = None
+
+
+class Admin(_Section, kw_only=True, frozen=True):
+    """The admin REST API, on its own listener (never a proxy port)."""
+
+    listen: Annotated[str, Meta(description="host:port of the admin API.")]
+    tokens: Annotated[
+        dict[str, AdminToken],
+        Meta(description="Tokens by name; the name is who the audit log records."),
+    ] = {}
+    store: Annotated[AdminStore, Meta(description="The entity store.")] = msgspec.field(
+        default_factory=AdminStore
+    )
+
+
+def _secret(
+    value: str | SecretFile, base_dir: Path, at: DataPath, report: Callable[[DataPath, str], None]
+) -> str:
+    if isinstance(value, str):
+        return value
+    path = base_dir / value.file
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as e:
+        report((*at, "file"), f"cannot read the token file {path}: {e.strerror or e}")
+        return ""
+
+
+def normalize_admin(
+    admin: Admin | None,
+    base_dir: Path,
+    taken: list[str],
+    address: Callable[[str, DataPath], str],
+    report: Callable[[DataPath, str], None],
+) -> dict[str, Any] | None:
+    """The normalized `admin` section; ``taken`` are the addresses other listeners use."""
+    if admin is None:
+        return None
+    where = address(admin.listen, ("admin", "listen"))
+    if where in taken:
+        report(("admin", "listen"), "the admin API needs its own address (not a proxy port)")
+    tokens: dict[str, dict[str, str]] = {}
+    seen: Mapping[str, str] = {}
+    for name, spec in admin.tokens.items():
+        at: DataPath = ("admin", "tokens", name, "token")
+        value = _secret(spec.token, base_dir, at, report)
+        if len(value) < 16:
+            report(at, "an admin token needs at least 16 characters")
+        elif value in seen:
+            report(at, f"the same token as '{seen[value]}'")
+        seen = {**seen, value: name}
+        tokens[name] = {"token": value, "role": spec.role}
+    default = (
+        "ferrogate-admin.db" if admin.store.type == "sqlite" else "ferrogate-admin-audit.jsonl"
+    )
+    return {
+        "listen": where,
+        "tokens": tokens,
+        "store": {"type": admin.store.type, "path": str(base_dir / (admin.store.path or default))},
+    }
