@@ -25,6 +25,7 @@ from ferrogate.admin_store import (
     ReadOnlyStore,
     RevisionConflict,
     Snapshot,
+    StoreUnavailable,
     open_store,
 )
 from ferrogate.config import ConfigError, LoadedConfig, load_config_text
@@ -112,6 +113,9 @@ class AdminApi:
         self._pending = threading.local()
         self._openapi: bytes | None = None
         self.server: StatusServer | None = None
+        # A shared store: revisions other nodes made arrive through a watcher.
+        self._watcher: Any = None
+        self._rejected = 0
 
     # --- the config in force -----------------------------------------------------------
 
@@ -129,14 +133,75 @@ class AdminApi:
                 if old.revision:
                     self.store.record(self._audit("file", "file", "RELOAD", old.document, file_doc))
                 return from_file
-            current = self.store.load()
-            if current is None:
-                seeded = ent.protect_secrets(file_doc)
-                audit = self._audit("file", "file", "SEED", {}, seeded)
-                current = self.store.save(seeded, 0, audit)
-                emit("info", "admin_store_seeded", path=self.settings["store"]["path"])
+            try:
+                current = self.store.load()
+                if current is None:
+                    seeded = ent.protect_secrets(file_doc)
+                    audit = self._audit("file", "file", "SEED", {}, seeded)
+                    try:
+                        current = self.store.save(seeded, 0, audit)
+                        emit("info", "admin_store_seeded", path=self.settings["store"]["path"])
+                    except RevisionConflict:
+                        # Another node seeded it first.
+                        current = self.store.load()
+                        assert current is not None
+            except StoreUnavailable as e:
+                current = self._last_good(str(e))
             self.snapshot = current
             return self._validate(current.document)
+
+    def _last_good(self, reason: str) -> Snapshot:
+        """The database is unreachable: the revision in force, else the one cached on disk
+        (a start); StoreUnavailable without either."""
+        if self.snapshot.revision:
+            emit(
+                "warning",
+                "admin_store_unavailable",
+                error=reason,
+                serving="current",
+                revision=self.snapshot.revision,
+            )
+            return self.snapshot
+        cached_of = getattr(self.store, "cached", None)
+        cached: Snapshot | None = cached_of() if cached_of is not None else None
+        if cached is None:
+            raise StoreUnavailable(
+                f"{reason}; and there is no cached config at "
+                f"{self.settings['store'].get('cache')} to start from"
+            )
+        emit(
+            "warning",
+            "admin_store_unavailable",
+            error=reason,
+            serving="cache",
+            cache=self.settings["store"].get("cache"),
+            revision=cached.revision,
+        )
+        return cached
+
+    def sync(self, latest_revision: int) -> None:
+        """A revision another node stored: applied here like a local change."""
+        if latest_revision <= self.snapshot.revision or latest_revision == self._rejected:
+            return
+        with self._lock:
+            latest = self.store.load()
+            if latest is None or latest.revision <= self.snapshot.revision:
+                return
+            try:
+                loaded = self._validate(latest.document)
+            except ConfigError as e:
+                # Valid where it was made, not with this node's local settings: keep serving.
+                self._rejected = latest.revision
+                emit(
+                    "error",
+                    "admin_revision_rejected",
+                    revision=latest.revision,
+                    problems=[str(p) for p in e.problems],
+                )
+                return
+            self.snapshot = latest
+        emit("info", "admin_revision_received", revision=latest.revision)
+        self.apply(loaded, latest.revision)
 
     def update_settings(self, settings: dict[str, Any]) -> None:
         """Tokens may change on reload; the listener and store need a restart."""
@@ -174,8 +239,14 @@ class AdminApi:
             [Route("/", self.handle, auth=False, methods=_ALL_METHODS, prefix=True)],
         )
         self.server.start()
+        watcher = getattr(self.store, "watcher", None)
+        if watcher is not None:
+            self._watcher = watcher(self.settings["store"]["poll_interval"], self.sync)
+            self._watcher.start()
 
     def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
         if self.server is not None:
             self.server.stop()
         self.store.close()
@@ -209,7 +280,7 @@ class AdminApi:
         try:
             reply = self._route(req)
         except ApiError as e:
-            return e.reply()
+            reply = e.reply()
         if self._pending.change is not None:
             loaded, revision = self._pending.change
             self._pending.change = None
@@ -226,6 +297,12 @@ class AdminApi:
             _allow(method, ("GET",))
             return _json(200, self._info())
         head, rest = parts[0], parts[1:]
+        if head == "config" and not rest:
+            _allow(method, ("GET", "PUT"))
+            if role != "admin":
+                # The whole document holds the secrets verification needs (HMAC, JWT).
+                raise ApiError(403, "forbidden", "the whole config needs the admin role")
+            return self._document(req) if method == "GET" else self._import(req, who, role)
         if head == "audit" and not rest:
             _allow(method, ("GET",))
             if role != "admin":
@@ -358,7 +435,12 @@ class AdminApi:
                         "since: epoch seconds or a duration such as 15m",
                         [{"path": "since", "message": "not epoch seconds or a duration"}],
                     ) from None
-        entries = self.store.audit(entity=req.query.get("entity") or None, since=since, limit=limit)
+        try:
+            entries = self.store.audit(
+                entity=req.query.get("entity") or None, since=since, limit=limit
+            )
+        except StoreUnavailable as e:
+            raise _unavailable(e) from None
         return _json(
             200,
             {
@@ -560,13 +642,93 @@ class AdminApi:
         try:
             self.snapshot = self.store.save(stored, self.snapshot.revision, audit)
         except RevisionConflict as e:
-            latest = self.store.load()
-            if latest is not None:
-                self.snapshot = latest
+            self._catch_up()
             raise ApiError(409, "conflict", f"the store changed meanwhile ({e}); retry") from None
         except ReadOnlyStore as e:
             raise ApiError(405, "read_only", str(e)) from None
+        except StoreUnavailable as e:
+            raise _unavailable(e, self.snapshot.revision) from None
         self._pending.change = (loaded, self.snapshot.revision)
+
+    def _document(self, req: Request) -> Reply:
+        return _json(
+            200,
+            {"revision": self.snapshot.revision, "document": self.snapshot.document},
+            self._headers(None),
+        )
+
+    def _import(self, req: Request, who: str, role: str) -> Reply:
+        """The whole entity document replaced: one revision, one audit entry."""
+        body = self._body(req)
+        if not isinstance(body, dict) or not isinstance(body.get("document"), dict):
+            raise ApiError(400, "invalid_body", "the body is {document: {...}, base_revision?}")
+        local, doc = ent.split_document(body["document"])
+        if local:
+            raise ApiError(
+                400,
+                "invalid_body",
+                "only entities can be imported; node-local settings stay in the config file",
+                [{"path": k, "message": "not an entity kind"} for k in local],
+            )
+        base = body.get("base_revision")
+        with self._lock:
+            if base is not None and base != self.snapshot.revision:
+                raise ApiError(
+                    409,
+                    "conflict",
+                    f"the config is at revision {self.snapshot.revision}, not {base}; diff again",
+                )
+            stored = ent.protect_secrets(doc)
+            changes = ent.diff(self.snapshot.document, stored)
+            if not changes and stored == self.snapshot.document:
+                nothing: dict[str, list[str]] = {"added": [], "changed": [], "removed": []}
+                return _json(200, {"revision": self.snapshot.revision, "changes": nothing})
+            try:
+                loaded = self._validate(stored)
+            except ConfigError as e:
+                problems = [
+                    {"path": problem_path(p.path), "message": p.message} for p in e.problems
+                ]
+                raise ApiError(
+                    400, "invalid_config", "the imported config is not valid", problems
+                ) from None
+            summary = {
+                verb: [f"{c.kind}/{c.key}" for c in changes if test(c)]
+                for verb, test in (
+                    ("added", _added),
+                    ("changed", _changed),
+                    ("removed", _removed),
+                )
+            }
+            audit = [AuditEntry(time.time(), who, role, "IMPORT", "config", None, summary)]
+            try:
+                self.snapshot = self.store.save(stored, self.snapshot.revision, audit)
+            except RevisionConflict as e:
+                self._catch_up()
+                raise ApiError(409, "conflict", f"the store changed meanwhile ({e})") from None
+            except ReadOnlyStore as e:
+                raise ApiError(405, "read_only", str(e)) from None
+            except StoreUnavailable as e:
+                raise _unavailable(e, self.snapshot.revision) from None
+            self._pending.change = (loaded, self.snapshot.revision)
+            return _json(200, {"revision": self.snapshot.revision, "changes": summary})
+
+    def _catch_up(self) -> None:
+        """After a conflict (with the lock held): take the store's latest revision, and
+        apply it here too (another node made it and this node had not seen it yet)."""
+        try:
+            latest = self.store.load()
+        except StoreUnavailable:
+            return
+        if latest is None or latest.revision <= self.snapshot.revision:
+            return
+        try:
+            loaded = self._validate(latest.document)
+        except ConfigError:
+            self.snapshot = latest
+            return
+        self.snapshot = latest
+        self._pending.change = (loaded, latest.revision)
 
     # --- the OpenAPI document ------------------------------------------------------------
 
@@ -576,6 +738,28 @@ class AdminApi:
 
             self._openapi = json.dumps(openapi_document()).encode()
         return Reply(200, self._openapi)
+
+
+def _added(c: ent.Change) -> bool:
+    return c.before is None
+
+
+def _changed(c: ent.Change) -> bool:
+    return c.before is not None and c.after is not None
+
+
+def _removed(c: ent.Change) -> bool:
+    return c.after is None
+
+
+def _unavailable(e: StoreUnavailable, serving: int | None = None) -> ApiError:
+    still = f"; this node keeps serving revision {serving}" if serving is not None else ""
+    return ApiError(
+        503,
+        "store_unavailable",
+        f"the config database cannot be reached ({e}){still}; retry later",
+        headers={"Retry-After": "5"},
+    )
 
 
 def _names(doc: dict[str, Any], paths: list[str]) -> list[str]:

@@ -9,8 +9,9 @@ from msgspec import Meta
 
 from ferrogate.consumers import SecretFile
 from ferrogate.problems import DataPath
+from ferrogate.units import parse_duration
 
-__all__ = ["ROLES", "Admin", "AdminStore", "AdminToken", "normalize_admin"]
+__all__ = ["ROLES", "Admin", "AdminPostgres", "AdminStore", "AdminToken", "normalize_admin"]
 
 Role = Literal["read-only", "operator", "admin"]
 ROLES: tuple[str, ...] = ("read-only", "operator", "admin")
@@ -36,17 +37,45 @@ class AdminToken(_Section, kw_only=True, frozen=True):
     ]
 
 
+class AdminPostgres(_Section, kw_only=True, frozen=True):
+    """A PostgreSQL database that several gateway nodes share (cluster mode)."""
+
+    dsn: Annotated[
+        str | SecretFile,
+        Meta(
+            description="A libpq connection string or URI (${VAR} for an environment "
+            "variable) or {file: PATH}."
+        ),
+    ]
+    poll_interval: Annotated[
+        str | float,
+        Meta(
+            description="How often the latest revision is checked besides LISTEN/NOTIFY "
+            "(a safety net for lost notifications), e.g. 5s."
+        ),
+    ] = "5s"
+    cache: Annotated[
+        str | None,
+        Meta(
+            description="The last document read from the database, served when a node starts "
+            "while the database is unreachable (default ferrogate-admin-cache.json; relative "
+            "to the config file)."
+        ),
+    ] = None
+
+
 class AdminStore(_Section, kw_only=True, frozen=True):
     """Where the entities (routes, upstreams, ...) live."""
 
     type: Annotated[
-        Literal["sqlite", "file"],
+        Literal["sqlite", "file", "postgres"] | None,
         Meta(
-            description="sqlite: an embedded database, seeded from this file on first start, "
-            "changed through the API | file: this file is the source of truth and the API "
-            "is read-only."
+            description="sqlite (the default): an embedded database, seeded from this file on "
+            "first start, changed through the API | file: this file is the source of truth "
+            "and the API is read-only | postgres: a database nodes share (implied by a "
+            "postgres section)."
         ),
-    ] = "sqlite"
+    ] = None
     path: Annotated[
         str | None,
         Meta(
@@ -54,6 +83,9 @@ class AdminStore(_Section, kw_only=True, frozen=True):
             "the JSON-lines audit log (default ferrogate-admin-audit.jsonl); relative to the "
             "config file."
         ),
+    ] = None
+    postgres: Annotated[
+        AdminPostgres | None, Meta(description="The shared database of cluster mode.")
     ] = None
 
 
@@ -71,7 +103,11 @@ class Admin(_Section, kw_only=True, frozen=True):
 
 
 def _secret(
-    value: str | SecretFile, base_dir: Path, at: DataPath, report: Callable[[DataPath, str], None]
+    value: str | SecretFile,
+    base_dir: Path,
+    at: DataPath,
+    report: Callable[[DataPath, str], None],
+    what: str = "token",
 ) -> str:
     if isinstance(value, str):
         return value
@@ -79,7 +115,7 @@ def _secret(
     try:
         return path.read_text(encoding="utf-8").rstrip("\r\n")
     except OSError as e:
-        report((*at, "file"), f"cannot read the token file {path}: {e.strerror or e}")
+        report((*at, "file"), f"cannot read the {what} file {path}: {e.strerror or e}")
         return ""
 
 
@@ -107,11 +143,32 @@ def normalize_admin(
             report(at, f"the same token as '{seen[value]}'")
         seen = {**seen, value: name}
         tokens[name] = {"token": value, "role": spec.role}
-    default = (
-        "ferrogate-admin.db" if admin.store.type == "sqlite" else "ferrogate-admin-audit.jsonl"
-    )
-    return {
-        "listen": where,
-        "tokens": tokens,
-        "store": {"type": admin.store.type, "path": str(base_dir / (admin.store.path or default))},
-    }
+    store = admin.store
+    kind = store.type or ("postgres" if store.postgres is not None else "sqlite")
+    settings: dict[str, Any] = {"type": kind}
+    if kind == "postgres":
+        if store.postgres is None:
+            report(("admin", "store", "postgres"), "type: postgres needs a postgres section")
+            return None
+        pg = store.postgres
+        at_pg: DataPath = ("admin", "store", "postgres")
+        try:
+            poll = parse_duration(pg.poll_interval)
+        except ValueError as e:
+            report((*at_pg, "poll_interval"), str(e))
+            poll = 5.0
+        if poll <= 0:
+            report((*at_pg, "poll_interval"), "must be more than 0")
+        settings |= {
+            "dsn": _secret(pg.dsn, base_dir, (*at_pg, "dsn"), report, "DSN"),
+            "poll_interval": poll,
+            "cache": str(base_dir / (pg.cache or "ferrogate-admin-cache.json")),
+            # Shown in messages and events: never the DSN (it may hold a password).
+            "path": "postgres",
+        }
+    else:
+        if store.postgres is not None:
+            report(("admin", "store", "postgres"), f"not used with type: {kind}")
+        default = "ferrogate-admin.db" if kind == "sqlite" else "ferrogate-admin-audit.jsonl"
+        settings["path"] = str(base_dir / (store.path or default))
+    return {"listen": where, "tokens": tokens, "store": settings}

@@ -21,6 +21,7 @@ _ERRORS = {
     "405": "Not allowed here, or the store is read-only.",
     "409": "Exists already, still in use, or the store changed meanwhile.",
     "412": "If-Match does not match the entity's ETag.",
+    "503": "The shared store (PostgreSQL) cannot be reached; the node keeps serving.",
 }
 
 
@@ -271,6 +272,56 @@ def openapi_document() -> dict[str, Any]:
                 ("400", "401", "403"),
             ),
         }
+    }
+    document = {"type": "object", "description": "Entity kind -> its section, as stored."}
+    paths["/config"] = {
+        "get": {
+            "tags": ["config"],
+            "responses": _responses(
+                _ok(
+                    "200",
+                    {
+                        "type": "object",
+                        "properties": {"revision": {"type": "integer"}, "document": document},
+                        "required": ["revision", "document"],
+                    },
+                    "The whole entity document (admin role)",
+                ),
+                ("401", "403"),
+            ),
+        },
+        "put": {
+            "tags": ["config"],
+            "requestBody": _json_body(
+                {
+                    "type": "object",
+                    "properties": {
+                        "document": document,
+                        "base_revision": {"type": "integer"},
+                    },
+                    "required": ["document"],
+                },
+                "Every entity replaced as one change (declarative import).",
+            ),
+            "responses": _responses(
+                _ok(
+                    "200",
+                    {
+                        "type": "object",
+                        "properties": {
+                            "revision": {"type": "integer"},
+                            "changes": {
+                                "type": "object",
+                                "description": "added, changed, removed: kind/name lists",
+                            },
+                        },
+                        "required": ["revision", "changes"],
+                    },
+                    "Imported (or nothing to change)",
+                ),
+                ("400", "401", "403", "405", "409", "503"),
+            ),
+        },
     }
     return {
         "openapi": "3.1.0",

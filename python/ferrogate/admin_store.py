@@ -24,6 +24,7 @@ __all__ = [
     "RevisionConflict",
     "Snapshot",
     "SqliteStore",
+    "StoreUnavailable",
     "open_store",
 ]
 
@@ -54,6 +55,10 @@ class RevisionConflict(Exception):
 
 class ReadOnlyStore(Exception):
     """DB-less mode: the config file is the source of truth."""
+
+
+class StoreUnavailable(Exception):
+    """A shared store (the database) cannot be reached now."""
 
 
 class ConfigStore(Protocol):
@@ -262,4 +267,9 @@ def open_store(settings: dict[str, Any]) -> ConfigStore:
     """The store of a normalized ``admin.store`` section."""
     if settings["type"] == "file":
         return FileStore(settings["path"])
+    if settings["type"] == "postgres":
+        # Imported here: psycopg is needed by cluster mode only.
+        from ferrogate.admin_pgstore import PostgresStore
+
+        return PostgresStore(settings["dsn"], settings["cache"])
     return SqliteStore(settings["path"])

@@ -506,6 +506,10 @@ def _parser() -> argparse.ArgumentParser:
     from ferrogate.admin_cli import add_parser as add_admin_parser
 
     add_admin_parser(commands)
+
+    from ferrogate.config_sync import add_parser as add_sync_parser
+
+    add_sync_parser(commands)
     return parser
 
 

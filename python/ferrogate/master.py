@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from ferrogate.admin_api import AdminApi
+from ferrogate.admin_store import StoreUnavailable
 from ferrogate.config import ConfigError, LoadedConfig, load_config
 from ferrogate.events import emit
 from ferrogate.listeners import local_url, open_listener
@@ -165,6 +166,13 @@ class Master:
             except (OSError, sqlite3.Error) as e:
                 print(
                     f"ferrogate: cannot open the admin store {admin['store']['path']}: {e}",
+                    file=sys.stderr,
+                )
+                return 1
+            except StoreUnavailable as e:
+                print(
+                    f"ferrogate: cannot start: the admin store ({admin['store']['type']}) "
+                    f"cannot be reached: {e}",
                     file=sys.stderr,
                 )
                 return 1
