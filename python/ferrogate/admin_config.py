@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from ferrogate.consumers import SecretFile
+from ferrogate.consumers import SecretFile, read_secret
 from ferrogate.problems import DataPath
 from ferrogate.units import parse_duration
 
@@ -102,23 +102,6 @@ class Admin(_Section, kw_only=True, frozen=True):
     )
 
 
-def _secret(
-    value: str | SecretFile,
-    base_dir: Path,
-    at: DataPath,
-    report: Callable[[DataPath, str], None],
-    what: str = "token",
-) -> str:
-    if isinstance(value, str):
-        return value
-    path = base_dir / value.file
-    try:
-        return path.read_text(encoding="utf-8").rstrip("\r\n")
-    except OSError as e:
-        report((*at, "file"), f"cannot read the {what} file {path}: {e.strerror or e}")
-        return ""
-
-
 def normalize_admin(
     admin: Admin | None,
     base_dir: Path,
@@ -136,7 +119,7 @@ def normalize_admin(
     seen: Mapping[str, str] = {}
     for name, spec in admin.tokens.items():
         at: DataPath = ("admin", "tokens", name, "token")
-        value = _secret(spec.token, base_dir, at, report)
+        value = read_secret(spec.token, base_dir, report, at, "token")
         if len(value) < 16:
             report(at, "an admin token needs at least 16 characters")
         elif value in seen:
@@ -160,7 +143,7 @@ def normalize_admin(
         if poll <= 0:
             report((*at_pg, "poll_interval"), "must be more than 0")
         settings |= {
-            "dsn": _secret(pg.dsn, base_dir, (*at_pg, "dsn"), report, "DSN"),
+            "dsn": read_secret(pg.dsn, base_dir, report, (*at_pg, "dsn"), "DSN"),
             "poll_interval": poll,
             "cache": str(base_dir / (pg.cache or "ferrogate-admin-cache.json")),
             # Shown in messages and events: never the DSN (it may hold a password).

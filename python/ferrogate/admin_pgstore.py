@@ -21,7 +21,13 @@ from typing import Any
 
 import psycopg
 
-from ferrogate.admin_store import AuditEntry, RevisionConflict, Snapshot, StoreUnavailable
+from ferrogate.admin_store import (
+    AuditEntry,
+    RevisionConflict,
+    Snapshot,
+    StoreUnavailable,
+    audit_query,
+)
 from ferrogate.events import emit
 from ferrogate.runtime_files import write_atomic
 
@@ -235,19 +241,7 @@ class PostgresStore:
                 "INSERT INTO ferrogate_audit "
                 "(at, who, role, method, entity, before, after, revision) "
                 "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                [
-                    (
-                        e.at,
-                        e.who,
-                        e.role,
-                        e.method,
-                        e.entity,
-                        json.dumps(e.before),
-                        json.dumps(e.after),
-                        revision,
-                    )
-                    for e in audit
-                ],
+                [e.row(revision) for e in audit],
             )
 
     def record(self, audit: list[AuditEntry]) -> None:
@@ -263,20 +257,7 @@ class PostgresStore:
     def audit(
         self, *, entity: str | None = None, since: float | None = None, limit: int = 100
     ) -> list[AuditEntry]:
-        sql = "SELECT at, who, role, method, entity, before, after, revision FROM ferrogate_audit"
-        where: list[str] = []
-        args: list[Any] = []
-        if entity:
-            where.append("(entity = %s OR entity LIKE %s ESCAPE '\\')")
-            escaped = entity.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            args += [entity, escaped + "/%"]
-        if since is not None:
-            where.append("at >= %s")
-            args.append(since)
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id DESC LIMIT %s"
-        args.append(limit)
+        sql, args = audit_query("ferrogate_audit", "%s", entity=entity, since=since, limit=limit)
         rows = self._run(lambda conn: conn.execute(sql, args).fetchall())
         return [
             AuditEntry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), json.loads(r[6]), int(r[7]))

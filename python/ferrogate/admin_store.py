@@ -25,8 +25,31 @@ __all__ = [
     "Snapshot",
     "SqliteStore",
     "StoreUnavailable",
+    "audit_query",
     "open_store",
 ]
+
+
+def audit_query(
+    table: str, mark: str, *, entity: str | None, since: float | None, limit: int
+) -> tuple[str, list[Any]]:
+    """The audit log query of every SQL store: ``mark`` is the driver's placeholder."""
+    sql = f"SELECT at, who, role, method, entity, before, after, revision FROM {table}"
+    where: list[str] = []
+    args: list[Any] = []
+    if entity:
+        # kind, or kind/name
+        where.append(f"(entity = {mark} OR entity LIKE {mark} ESCAPE '\\')")
+        escaped = entity.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        args += [entity, escaped + "/%"]
+    if since is not None:
+        where.append(f"at >= {mark}")
+        args.append(since)
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += f" ORDER BY id DESC LIMIT {mark}"
+    args.append(limit)
+    return sql, args
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +70,19 @@ class AuditEntry:
     after: Any
     """Both with secrets masked."""
     revision: int = 0
+
+    def row(self, revision: int) -> tuple[Any, ...]:
+        """The audit table's columns, in the stores' insert order."""
+        return (
+            self.at,
+            self.who,
+            self.role,
+            self.method,
+            self.entity,
+            json.dumps(self.before),
+            json.dumps(self.after),
+            revision,
+        )
 
 
 class RevisionConflict(Exception):
@@ -163,19 +199,7 @@ class SqliteStore:
         self._db.executemany(
             "INSERT INTO audit (at, who, role, method, entity, before, after, revision) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    e.at,
-                    e.who,
-                    e.role,
-                    e.method,
-                    e.entity,
-                    json.dumps(e.before),
-                    json.dumps(e.after),
-                    revision,
-                )
-                for e in audit
-            ],
+            [e.row(revision) for e in audit],
         )
 
     def record(self, audit: list[AuditEntry]) -> None:
@@ -186,21 +210,7 @@ class SqliteStore:
     def audit(
         self, *, entity: str | None = None, since: float | None = None, limit: int = 100
     ) -> list[AuditEntry]:
-        sql = "SELECT at, who, role, method, entity, before, after, revision FROM audit"
-        where: list[str] = []
-        args: list[Any] = []
-        if entity:
-            # kind, or kind/name
-            where.append("(entity = ? OR entity LIKE ? ESCAPE '\\')")
-            escaped = entity.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            args += [entity, escaped + "/%"]
-        if since is not None:
-            where.append("at >= ?")
-            args.append(since)
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id DESC LIMIT ?"
-        args.append(limit)
+        sql, args = audit_query("audit", "?", entity=entity, since=since, limit=limit)
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
         return [

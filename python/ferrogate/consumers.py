@@ -169,9 +169,14 @@ def verify_password(password: str, encoded: str) -> bool:
 # --- normalization -------------------------------------------------------------------------
 
 
-def _read_secret(
-    value: str | SecretFile, base_dir: Path, report: Callable[[DataPath, str], None], at: DataPath
+def read_secret(
+    value: str | SecretFile,
+    base_dir: Path,
+    report: Callable[[DataPath, str], None],
+    at: DataPath,
+    what: str = "secret",
 ) -> str:
+    """A secret given inline or as ``{file: PATH}`` (relative to ``base_dir``)."""
     if isinstance(value, str):
         return value
     path = base_dir / value.file
@@ -179,7 +184,7 @@ def _read_secret(
         return path.read_text(encoding="utf-8").rstrip("\r\n")
     except OSError as e:
         # The error names the file, never its content.
-        report((*at, "file"), f"cannot read the secret file {path}: {e.strerror or e}")
+        report((*at, "file"), f"cannot read the {what} file {path}: {e.strerror or e}")
         return ""
 
 
@@ -195,7 +200,7 @@ def normalize_consumer(
         where: DataPath = (*at, "credentials", j)
 
         def secret(value: str | SecretFile, key: str, where: DataPath = where) -> str:
-            return _read_secret(value, base_dir, report, (*where, key))
+            return read_secret(value, base_dir, report, (*where, key))
 
         if isinstance(c, KeyAuthCredential):
             if (c.key is None) == (c.key_sha256 is None):
