@@ -15,54 +15,24 @@ import calendar
 import datetime
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from email.utils import formatdate
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from ferrogate.addresses import looks_like_url, parse_upstream_url
 from ferrogate.problems import DataPath
 from ferrogate.structcheck import did_you_mean
 
 if TYPE_CHECKING:
-    from ferrogate.config import Api, ApiVersion, PluginUse, Route, Upstream
-    from ferrogate.plugin_config import Entry
+    # The config normalizer compiles `apis` through this module (a cycle only for types).
+    from ferrogate.config import Api, ApiVersion, Route, Upstream
+    from ferrogate.config import _Normalizer as Normalizer
 
 DEFAULT_NAMES = {"header": "Api-Version", "query": "api-version"}
 ROUTED = ("published", "deprecated", "retired")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~-]*")
-
-
-class Normalizer(Protocol):
-    """What compiling needs of the config normalizer (``config._Normalizer``)."""
-
-    report: Callable[[DataPath, str], None]
-    route_origins: dict[int, tuple[DataPath, DataPath]]
-
-    def route(
-        self,
-        i: int,
-        route: Route,
-        names: dict[str, int],
-        upstreams: Mapping[str, Upstream],
-        out_upstreams: dict[str, Any],
-        timeouts: Mapping[str, float],
-        at: DataPath | None = None,
-        inherited: list[Entry | None] | None = None,
-    ) -> dict[str, Any]: ...
-
-    def url_upstream(
-        self,
-        i: int,
-        name: str,
-        url: str,
-        out_upstreams: dict[str, Any],
-        timeouts: Mapping[str, float],
-        at: DataPath | None = None,
-    ) -> str: ...
-
-    def plugin_use(self, use: PluginUse, at: DataPath, owner: str) -> Entry | None: ...
 
 
 @dataclass(frozen=True)
