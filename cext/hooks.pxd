@@ -97,6 +97,10 @@ cdef class Request:
     cdef public object _orig_credential
     cdef public object ctx
     cdef public Response response
+    cdef public object upstream
+    cdef public object fallbacks
+    cdef public object fallback_on
+    cdef public object response_body_mode
 
     @cython.locals(params=Params, headers=Headers, query_changed=bint, method_changed=bint,
                    path_changed=bint)
@@ -109,6 +113,8 @@ cdef class Response:
     cdef public object body
     cdef public object _orig_status
     cdef public object trailers
+    cdef public object attempt
+    cdef public object skipped
 
     @cython.locals(status_changed=bint)
     cpdef tuple _decision(self)
@@ -157,6 +163,7 @@ cdef class Chain:
     cdef public tuple chunk
     cdef public tuple log
     cdef public bint buffered
+    cdef public bint streamable
 
 
 cdef class Host:
@@ -166,7 +173,7 @@ cdef class Host:
     @cython.locals(req=Request)
     cpdef tuple request(self, Py_ssize_t chain, method, path, query, headers, body, meta)
     @cython.locals(resp=Response)
-    cpdef response(self, Py_ssize_t chain, Request req, status, headers)
+    cpdef response(self, Py_ssize_t chain, Request req, status, headers, attempt=*, skipped=*)
     @cython.locals(resp=Response)
     cpdef tuple response_body(self, Py_ssize_t chain, Request req, body, trailers=*)
     @cython.locals(resp=Response)

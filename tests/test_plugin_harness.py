@@ -22,9 +22,9 @@ def test_request_edits_come_back_as_one_decision() -> None:
     out = h.request("GET", "/old", query="drop=1&keep=2", headers={"X-Secret": "s"})
     assert out.response is None
     assert out.decision is not None
-    kind, method, path, query, headers, body, consumer, credential = out.decision
+    kind, method, path, query, headers, body, consumer, credential, routing = out.decision
     assert (kind, method, path, query, body) == (0, "PATCH", "/new", "keep=2&added=a%20b", None)
-    assert (consumer, credential) == (None, None)
+    assert (consumer, credential, routing) == (None, None, None)
     assert headers == [("x-added", "yes")]
 
 
@@ -123,8 +123,8 @@ def test_plugin_rules_are_enforced() -> None:
 
     with pytest.raises(ValueError, match="defines no hook"):
         spec_of(NoHooks, "test")
-    with pytest.raises(ValueError, match="pick one"):
-        spec_of(Both, "test")
+    # Both body hooks: buffered by default, each request may pick (req.response_body_mode).
+    assert spec_of(Both, "test").response_body == "buffered"
 
 
 def test_async_log_hooks_run_in_the_harness(tmp_path: Path) -> None:

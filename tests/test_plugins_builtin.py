@@ -446,7 +446,7 @@ def test_request_templates_are_checked() -> None:
 def test_request_fixed_path_and_method() -> None:
     h = PluginHarness(RequestTransformer, {"path": "/v2/users", "method": "put"})
     out = h.request("POST", "/users", query="a=1")
-    assert out.decision == (0, "PUT", "/v2/users", None, None, None, None, None)
+    assert out.decision == (0, "PUT", "/v2/users", None, None, None, None, None, None)
 
 
 def test_request_regex_path_rewrite_with_groups() -> None:
@@ -455,7 +455,7 @@ def test_request_regex_path_rewrite_with_groups() -> None:
         {"path": {"pattern": r"^/api/(?P<ver>v\d)/(.*)$", "replacement": r"/\2/\g<ver>"}},
     )
     out = h.request("GET", "/api/v1/users/7", query="a=1")
-    assert out.decision == (0, None, "/users/7/v1", None, None, None, None, None)
+    assert out.decision == (0, None, "/users/7/v1", None, None, None, None, None, None)
     h = PluginHarness(RequestTransformer, {"path": {"pattern": "^/old", "replacement": r"/new"}})
     assert h.request("GET", "/old/x").request.path == "/new/x"
     h = PluginHarness(RequestTransformer, {"path": {"pattern": "/+", "replacement": "/"}})

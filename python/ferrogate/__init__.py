@@ -17,12 +17,13 @@ if TYPE_CHECKING:
         normalize,
         normalized_json,
     )
-    from ferrogate.hooks import Headers, LogInfo, Params, Request, Response
+    from ferrogate.hooks import Attempt, Headers, LogInfo, Params, Request, Response
     from ferrogate.plugin import Plugin
 
 __version__: str
 
 __all__ = [
+    "Attempt",
     "Config",
     "ConfigError",
     "Headers",
@@ -44,7 +45,10 @@ __all__ = [
 # replacing a dead one should not pay for YAML, msgspec and importlib.metadata.
 _LAZY = {
     **{name: "ferrogate.config" for name in __all__ if name != "__version__"},
-    **{name: "ferrogate.hooks" for name in ("Headers", "LogInfo", "Params", "Request", "Response")},
+    **{
+        name: "ferrogate.hooks"
+        for name in ("Attempt", "Headers", "LogInfo", "Params", "Request", "Response")
+    },
     "Plugin": "ferrogate.plugin",
 }
 

@@ -9,7 +9,12 @@ from collections.abc import Callable
 
 __all__ = [
     "__version__",
+    "budget_adjust",
+    "budget_reserve",
+    "budget_used",
     "check_config",
+    "rate_adjust",
+    "rate_take",
     "record_span",
     "route_table",
     "serve",
@@ -85,3 +90,25 @@ def record_span(
 def sha256_hex(text: str) -> str:
     """SHA-256 of ``text``'s UTF-8 bytes in lower-case hex (``hashlib.sha256(text.encode())
     .hexdigest()`` in one call)."""
+
+# Node-shared counters for plugins: every worker of a node counts in the same tables (shared
+# memory from the master); outside a worker the process counts alone.
+
+def rate_take(key: str, per_second: float, burst: float, cost: float) -> float:
+    """GCRA: take ``cost`` units from ``key``'s bucket (``per_second`` refill, ``burst``
+    capacity). 0.0 when allowed (and charged), else the seconds until it would be allowed
+    (nothing charged)."""
+
+def rate_adjust(key: str, per_second: float, burst: float, delta: float) -> None:
+    """Charge (``delta`` > 0) or refund (``delta`` < 0) ``key``'s bucket without a check."""
+
+def budget_reserve(key: str, window: int, amount: int, limit: int) -> int:
+    """Add ``amount`` to ``key``'s total in ``window`` if it stays within ``limit``: the new
+    total, else -1 (nothing added). A new window starts from 0."""
+
+def budget_adjust(key: str, window: int, delta: int) -> int:
+    """Add ``delta`` (may be negative) to ``key``'s total in ``window``, never below 0; the
+    new total."""
+
+def budget_used(key: str, window: int) -> int:
+    """``key``'s total in ``window``."""

@@ -38,8 +38,9 @@ __all__ = ["AdminApi", "problem_path"]
 
 _WRITES = ("POST", "PUT", "PATCH", "DELETE")
 _ALL_METHODS = ("GET", "HEAD", *_WRITES)
-# Kinds an operator may not change (consumers hold credentials); admins change everything.
-_ADMIN_ONLY_KINDS = frozenset({"consumers"})
+# Kinds an operator may not change (consumers hold credentials, certificates private keys);
+# admins change everything.
+_ADMIN_ONLY_KINDS = frozenset({"consumers", "certificates"})
 _PAGE_DEFAULT = 100
 _PAGE_MAX = 1000
 _APPLY_TIMEOUT = 30.0
@@ -539,6 +540,7 @@ class AdminApi:
             sub = ent.SUB_RESOURCES.get(kind.name)
             if sub is not None and sub.field == "credentials" and before is not None:
                 body = {**body, "credentials": before.get("credentials", [])}
+            body = ent.keep_secrets(kind, before, body)
             new = ent.put_entity(self.snapshot.document, kind, key, body)
             self._commit(new, who, role, req.method, kind, key)
             entity = self._entity(kind, key)

@@ -34,6 +34,7 @@ __all__ = [
     "entities",
     "entity_etag",
     "get_entity",
+    "keep_secrets",
     "mask",
     "protect_credential",
     "protect_secrets",
@@ -240,6 +241,9 @@ def mask(value: Any) -> Any:
 def shown(kind: EntityKind, entity: dict[str, Any]) -> dict[str, Any]:
     """An entity as the API returns it: secrets masked, credentials with their ids."""
     out: dict[str, Any] = mask(entity)
+    if kind.name == "certificates" and isinstance(out.get("key"), str):
+        # A certificate's private key (a {file: PATH} reference is no secret).
+        out["key"] = REDACTED
     sub = SUB_RESOURCES.get(kind.name)
     if sub is not None and isinstance(entity.get(sub.field), list):
         out[sub.field] = [shown_item(kind.name, item) for item in entity[sub.field]]
@@ -250,6 +254,14 @@ def shown_item(kind: str, item: Any) -> Any:
     if kind == "upstreams":
         return {"address": item, "weight": 1} if isinstance(item, str) else item
     return {**mask(item), "id": sub_key(kind, item)}
+
+
+def keep_secrets(kind: EntityKind, before: dict[str, Any] | None, body: dict[str, Any]) -> Any:
+    """``body`` with a certificate's key sent back as ``[REDACTED]`` (as read) replaced by
+    the stored one, so that a read-modify-write keeps it."""
+    if kind.name == "certificates" and before is not None and body.get("key") == REDACTED:
+        return {**body, "key": before.get("key")}
+    return body
 
 
 def entity_etag(entity: dict[str, Any] | None) -> str:

@@ -27,9 +27,11 @@ from ferrogate.addresses import (
     split_host_port,
 )
 from ferrogate.admin_config import Admin, normalize_admin
+from ferrogate.ai.config import AiSettings, compile_ai
 from ferrogate.api_versions import compile_apis
 from ferrogate.api_versions import uses_plugins as apis_use_plugins
 from ferrogate.cache_config import CacheStore, RouteCache, normalize_cache, normalize_route_cache
+from ferrogate.certificates import Certificate, normalize_certificates
 from ferrogate.compression_config import (
     Compression,
     RouteCompressionSetting,
@@ -50,7 +52,7 @@ from ferrogate.observability import (
     log_file_problem,
     observe_settings,
 )
-from ferrogate.plugin_config import Entry, chain_of, check_use
+from ferrogate.plugin_config import Entry, chain_of, check_use, consumer_chains
 from ferrogate.plugin_registry import Registry, discover
 from ferrogate.problems import ConfigError, DataPath, Problem, format_path
 from ferrogate.resilience import (
@@ -337,6 +339,18 @@ class PluginUse(_Section, kw_only=True, frozen=True):
     ] = 30.0
 
 
+class ConsumerWithPlugins(Consumer, kw_only=True, frozen=True):
+    """Someone an authentication plugin recognizes, and the plugins run for them."""
+
+    plugins: Annotated[
+        list[PluginUse],
+        Meta(
+            description="Plugins run (on_request) for this consumer's requests, right after "
+            "the route's authentication plugins; one named like a route plugin replaces it."
+        ),
+    ] = msgspec.field(default_factory=list)
+
+
 LIMIT_KEY_PATTERN = r"^(ip|consumer|credential|route|header:.+)$"
 LIMIT_KEY_SOURCES = ("ip", "consumer", "credential", "route", "header")
 LimitKeyText = Annotated[str, Meta(extra_json_schema={"pattern": LIMIT_KEY_PATTERN})]
@@ -570,6 +584,13 @@ class Route(_Section, kw_only=True, frozen=True):
         Duration,
         Meta(description="A WebSocket session silent both ways this long is closed; 0 = no limit."),
     ] = 60.0
+    sse_heartbeat: Annotated[
+        Duration,
+        Meta(
+            description="On an event stream (text/event-stream) idle this long at an event "
+            "boundary, send a ': ping' comment; 0 = never."
+        ),
+    ] = 0.0
     cache: Annotated[
         RouteCache | None, Meta(description="Cache this route's responses (RFC 9111); off.")
     ] = None
@@ -716,6 +737,10 @@ class Config(_Section, kw_only=True, frozen=True):
     tls: Annotated[
         Tls | None, Meta(description="HTTPS listeners and their certificates; none.")
     ] = None
+    certificates: Annotated[
+        dict[str, Certificate],
+        Meta(description="Certificates by name, served by SNI on the HTTPS listeners."),
+    ] = {}
     upstreams: Annotated[
         dict[str, Upstream], Meta(description="Named upstreams, referenced by routes.")
     ] = {}
@@ -736,7 +761,7 @@ class Config(_Section, kw_only=True, frozen=True):
     ] = msgspec.field(default_factory=RateLimiting)
     plans: Annotated[dict[str, Plan], Meta(description="Plans by name (tiered access).")] = {}
     consumers: Annotated[
-        dict[str, Consumer],
+        dict[str, ConsumerWithPlugins],
         Meta(description="Consumers by name, as authentication plugins set them."),
     ] = {}
     ip_restriction: Annotated[
@@ -789,6 +814,10 @@ class Config(_Section, kw_only=True, frozen=True):
     ] = msgspec.field(default_factory=CacheStore)
     admin: Annotated[
         Admin | None, Meta(description="The admin REST API and its entity store; off.")
+    ] = None
+    ai: Annotated[
+        AiSettings | None,
+        Meta(description="The AI gateway (OpenAI-compatible endpoints over providers); off."),
     ] = None
 
 
@@ -898,7 +927,13 @@ class _Normalizer:
                     self.route(i, route, names, cfg.upstreams, out_upstreams, timeouts)
                 )
             compile_apis(self, cfg.apis, cfg.upstreams, names, out_routes, out_upstreams, timeouts)
-        if not cfg.routes and not cfg.apis:
+            if cfg.ai is not None:
+                compile_ai(self, cfg.ai, cfg.upstreams, names, out_routes, out_upstreams, timeouts)
+            for name, chain in consumer_chains(
+                self.consumer_plugins, out_routes, self.report
+            ).items():
+                out_consumers[name]["plugins"] = chain
+        if not cfg.routes and not cfg.apis and cfg.ai is None:
             self.report(("routes",), "at least one route (or API) is needed")
         observed = observe_settings(
             self,
@@ -930,6 +965,9 @@ class _Normalizer:
                 taken,
                 self.report,
             )
+        sni = normalize_certificates(cfg.certificates, self.base_dir, self.report)
+        if tls is not None:
+            tls["sni"] = sni
         return {
             "listen": listen,
             "tls": tls,
@@ -1151,9 +1189,16 @@ class _Normalizer:
     def plugins(self, cfg: Config) -> str | None:
         """Discover plugins (when the config uses any) and check the top-level ones."""
         plugins_dir = None
+        self.consumer_plugins: dict[str, list[Entry | None]] = {}
         if cfg.plugins_dir is not None:
             plugins_dir = str((self.base_dir / cfg.plugins_dir).resolve())
-        if not (cfg.plugins or any(r.plugins for r in cfg.routes) or apis_use_plugins(cfg.apis)):
+        if not (
+            cfg.plugins
+            or any(r.plugins for r in cfg.routes)
+            or any(c.plugins for c in cfg.consumers.values())
+            or apis_use_plugins(cfg.apis)
+            or cfg.ai is not None
+        ):
             return plugins_dir
         self.registry = discover(plugins_dir)
         for problem in self.registry.problems:
@@ -1161,6 +1206,14 @@ class _Normalizer:
         self.top_plugins = [
             self.plugin_use(use, ("plugins", j), "every route") for j, use in enumerate(cfg.plugins)
         ]
+        self.consumer_plugins = {
+            name: [
+                self.plugin_use(use, ("consumers", name, "plugins", j), f"consumer '{name}'")
+                for j, use in enumerate(c.plugins)
+            ]
+            for name, c in cfg.consumers.items()
+            if c.plugins
+        }
         return plugins_dir
 
     def plugin_use(self, use: PluginUse, at: DataPath, owner: str) -> Entry | None:
@@ -1344,6 +1397,7 @@ class _Normalizer:
             ),
             "websocket": route.websocket,
             "websocket_idle": self.duration(route.websocket_idle, (*at, "websocket_idle")),
+            "sse_heartbeat": self.duration(route.sse_heartbeat, (*at, "sse_heartbeat")),
             "cache": normalize_route_cache(route.cache, (*at, "cache"), self.report),
             **route_settings(self, route.timeouts, route.retries, at),
         }

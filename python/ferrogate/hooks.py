@@ -18,12 +18,19 @@ Wire formats at the boundary:
   fields is exact; names it did not touch keep their fields (only the order of fields of
   one name carries meaning in HTTP);
 - request decision: ``None`` (nothing changed),
-  ``(0, method, path, query, headers, body, consumer, credential)`` (each ``None`` when
-  unchanged or unset), ``(1, status, headers, body, consumer, credential)`` to answer early
+  ``(0, method, path, query, headers, body, consumer, credential, routing)`` (each ``None``
+  when unchanged or unset; ``routing`` is ``(upstream, fallbacks, fallback_on, body_mode)``
+  when a plugin set ``req.upstream``, ``req.fallbacks`` or ``req.response_body_mode``, each
+  ``None`` when unset, ``fallbacks`` a list of
+  ``(upstream, method, path, headers, body)`` and ``fallback_on`` a list of statuses),
+  ``(1, status, headers, body, consumer, credential)`` to answer early
   (``headers`` always the whole list; ``consumer``/``credential`` set when a plugin named
   the client before answering, for the log and metrics), or ``(2, message)`` when a plugin
   failed;
 - response decision: ``None`` or ``(status, headers)``.
+- ``Host.response`` gets ``attempt`` and ``skipped`` only for a request that fell back
+  (see ``Attempt``); the engine crosses the response head then even without
+  ``on_response`` hooks, so that body hooks and ``on_log`` see them too.
 
 The request's ``meta`` is
 ``(request_id, client_ip, route, host, scheme, http_version, span, consumer, credential)``
@@ -38,11 +45,12 @@ import json
 import sys
 import time
 import traceback
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode
 
 __all__ = [
+    "Attempt",
     "Headers",
     "Host",
     "LogInfo",
@@ -451,6 +459,8 @@ class Request:
         "consumer",
         "credential",
         "ctx",
+        "fallback_on",
+        "fallbacks",
         "host",
         "http_version",
         "method",
@@ -458,8 +468,10 @@ class Request:
         "query",
         "request_id",
         "response",
+        "response_body_mode",
         "route",
         "scheme",
+        "upstream",
     )
 
     def __init__(
@@ -500,6 +512,10 @@ class Request:
         self._orig_credential: str | None = None
         self.ctx: dict[str, Any] = {}
         self.response: Response | None = None
+        self.upstream: str | None = None
+        self.fallbacks: list[Attempt] | None = None
+        self.fallback_on: Collection[int] | None = None
+        self.response_body_mode: str | None = None
 
     @property
     def headers(self) -> Headers:
@@ -545,6 +561,11 @@ class Request:
         credential = self.credential
         if credential is self._orig_credential:
             credential = None
+        routing = None
+        if not (
+            self.upstream is None and self.fallbacks is None and self.response_body_mode is None
+        ):
+            routing = self._routing()
         if not (
             method_changed
             or path_changed
@@ -553,6 +574,7 @@ class Request:
             or self._body_set
             or consumer is not None
             or credential is not None
+            or routing is not None
         ):
             return None
         return (
@@ -564,7 +586,37 @@ class Request:
             self._body if self._body_set else None,
             consumer,
             credential,
+            routing,
         )
+
+    def _routing(self) -> tuple[Any, ...]:
+        """``req.upstream``, ``req.fallbacks`` and ``req.response_body_mode`` for the data
+        plane (see the module doc); a wrong type is the plugin's error."""
+        upstream = self.upstream
+        if upstream is not None and not isinstance(upstream, str):
+            raise PluginError(
+                "(chain)", "on_request", f"req.upstream is a {type(upstream).__name__}, not a str"
+            )
+        mode = self.response_body_mode
+        if mode is not None and mode not in ("buffered", "streamed"):
+            raise PluginError(
+                "(chain)",
+                "on_request",
+                f"req.response_body_mode must be 'buffered' or 'streamed', not {mode!r}",
+            )
+        fallbacks = None
+        statuses = None
+        if self.fallbacks:
+            fallbacks = []
+            for a in self.fallbacks:
+                if not isinstance(a, Attempt):
+                    raise PluginError(
+                        "(chain)", "on_request", f"req.fallbacks holds a {type(a).__name__}"
+                    )
+                fallbacks.append(a._wire())
+            if self.fallback_on is not None:
+                statuses = [int(s) for s in self.fallback_on]
+        return (upstream, fallbacks, statuses, mode)
 
     def __repr__(self) -> str:
         q = f"?{self.query}" if self.query else ""
@@ -579,7 +631,7 @@ class Response:
     answer without contacting the upstream.
     """
 
-    __slots__ = ("_headers", "_orig_status", "body", "status", "trailers")
+    __slots__ = ("_headers", "_orig_status", "attempt", "body", "skipped", "status", "trailers")
 
     def __init__(
         self,
@@ -601,6 +653,10 @@ class Response:
         self.body: bytes | None = body
         # The upstream's trailers (a gRPC status), in buffered body hooks; None otherwise.
         self.trailers: Headers | None = None
+        self.attempt = 0
+        """Which attempt answered: 0 the request itself, i ``req.fallbacks[i - 1]``."""
+        self.skipped: Sequence[tuple[str, int]] = ()
+        """``(upstream, status)`` of the attempts given up on (status 0: no answer)."""
 
     @property
     def headers(self) -> Headers:
@@ -623,6 +679,50 @@ class Response:
 
     def __repr__(self) -> str:
         return f"<Response {self.status}>"
+
+
+class Attempt:
+    """One fallback of a request (``req.fallbacks``): sent when the request before it got a
+    status in ``req.fallback_on`` (default 429 and 500-599) or no answer at all.
+
+    ``headers`` are the whole header list of this attempt (the client's are not carried
+    over; the gateway still adds X-Request-Id, Via, X-Forwarded-*, traceparent and Host).
+    ``path`` None is the main request's upstream path (it may carry ``?query``), ``method``
+    None the main request's, ``body`` None an empty body.
+    """
+
+    __slots__ = ("body", "headers", "method", "path", "upstream")
+
+    def __init__(
+        self,
+        upstream: str,
+        path: str | None = None,
+        headers: "Mapping[str, str] | Iterable[tuple[str, str]]" = (),
+        body: bytes | None = None,
+        method: str | None = None,
+    ) -> None:
+        self.upstream = upstream
+        self.path = path
+        self.headers = headers
+        self.body = body
+        self.method = method
+
+    def _wire(self) -> tuple[Any, ...]:
+        headers = self.headers
+        pairs = headers.items() if isinstance(headers, (Mapping, _Fields)) else headers
+        body = self.body
+        if isinstance(body, str):
+            body = body.encode()
+        return (
+            self.upstream,
+            self.method,
+            self.path,
+            [(n, _text(v)) for n, v in pairs],
+            b"" if body is None else bytes(body),
+        )
+
+    def __repr__(self) -> str:
+        return f"<Attempt {self.method or ''} {self.upstream}{self.path or ''}>"
 
 
 class LogInfo:
@@ -791,7 +891,7 @@ class Slot:
 class Chain:
     """A route's plugins, split by phase, in run order."""
 
-    __slots__ = ("body", "buffered", "chunk", "log", "request", "response", "route")
+    __slots__ = ("body", "buffered", "chunk", "log", "request", "response", "route", "streamable")
 
     def __init__(self, route: str, slots: list[Slot]) -> None:
         self.route = route
@@ -803,6 +903,26 @@ class Chain:
         self.buffered = any(s.on_response_body is not None for s in slots)
         self.chunk = tuple(s for s in slots if s.on_response_chunk is not None)
         self.log = tuple(s for s in slots if s.on_log is not None)
+        # Whether a request may pick either body mode: every body plugin has a chunk hook.
+        self.streamable = bool(self.body) and len(self.chunk) == len(self.body)
+
+
+def _check_body_mode(chain: Chain, req: Request) -> None:
+    """``req.response_body_mode`` set by a hook: "streamed" needs every body plugin of the
+    route to have ``on_response_chunk``; either needs a body plugin at all."""
+    mode = req.response_body_mode
+    if mode is None or (mode == "buffered" and chain.body):
+        return
+    if mode == "streamed" and chain.streamable:
+        return
+    raise PluginError(
+        "(chain)",
+        "on_request",
+        f"req.response_body_mode = {mode!r}, but not every body plugin of route "
+        f"'{chain.route}' has on_response_chunk"
+        if chain.body
+        else f"req.response_body_mode is set, but route '{chain.route}' has no body plugin",
+    )
 
 
 def run_request(chain: Chain, req: Request) -> tuple[Any, ...] | None:
@@ -827,6 +947,8 @@ def run_request(chain: Chain, req: Request) -> tuple[Any, ...] | None:
         slot.account("on_request", rid, start, _perf_ns())
         if answer is not None:
             return _early(slot, req, answer)
+    if req.response_body_mode is not None:
+        _check_body_mode(chain, req)
     return req._decision()
 
 
@@ -864,6 +986,8 @@ async def run_request_async(chain: Chain, req: Request) -> tuple[Any, ...] | Non
         slot.account("on_request", rid, start, _perf_ns())
         if answer is not None:
             return _early(slot, req, answer)
+    if req.response_body_mode is not None:
+        _check_body_mode(chain, req)
     return req._decision()
 
 
@@ -1106,15 +1230,36 @@ class Host:
         self._submit(run_request_async(self.chains[chain], req), done)
         return req
 
-    def response(self, chain: int, req: Request, status: int, headers: "str | bytes") -> Any:
+    def response(
+        self,
+        chain: int,
+        req: Request,
+        status: int,
+        headers: "str | bytes",
+        attempt: int = 0,
+        skipped: "list[tuple[str, int]] | None" = None,
+    ) -> Any:
         resp = _wire_response(status, headers)
+        if skipped is not None:
+            resp.attempt = attempt
+            resp.skipped = skipped
         req.response = resp
         return run_response(self.chains[chain], req, resp)
 
     def response_async(
-        self, chain: int, req: Request, status: int, headers: "str | bytes", done: Any
+        self,
+        chain: int,
+        req: Request,
+        status: int,
+        headers: "str | bytes",
+        done: Any,
+        attempt: int = 0,
+        skipped: "list[tuple[str, int]] | None" = None,
     ) -> None:
         resp = _wire_response(status, headers)
+        if skipped is not None:
+            resp.attempt = attempt
+            resp.skipped = skipped
         req.response = resp
         self._submit(run_response_async(self.chains[chain], req, resp), done)
 
@@ -1201,6 +1346,8 @@ def _wire_response(status: int, blob: "str | bytes") -> Response:
     r._headers = _wire_headers(blob)
     r.body = None
     r.trailers = None
+    r.attempt = 0
+    r.skipped = ()
     return r
 
 
@@ -1236,4 +1383,8 @@ def _new_request(
     req._orig_credential = req.credential
     req.ctx = {}
     req.response = None
+    req.upstream = None
+    req.fallbacks = None
+    req.fallback_on = None
+    req.response_body_mode = None
     return req

@@ -46,6 +46,8 @@ from ferrogate.upstream_tls_config import warn_unverified
 
 # Quota counters a node holds (consumer x quota pairs in the current windows), 16 bytes each.
 QUOTA_SLOTS = 1 << 16
+# Plugins' node-shared counters after the quota table (counters.rs): two tables of 2^15 slots.
+COUNTER_BYTES = 2 * (1 << 15) * 16
 # Targets whose active health check results the node's workers share (probe.rs), 32 bytes each.
 HEALTH_SLOTS = 1 << 12
 
@@ -327,7 +329,7 @@ class Master:
         """Make the shared rate limit table once; its pages are only backed once used."""
         self.limits_size = int(normalized["rate_limiting"]["slots"]) * 16
         self.limits_fd = os.memfd_create("ferrogate-rate-limits", 0)
-        os.ftruncate(self.limits_fd, self.limits_size + self.quotas_size)
+        os.ftruncate(self.limits_fd, self.limits_size + self.quotas_size + COUNTER_BYTES)
 
     def _worker_slot(self, worker_id: int) -> _Slot:
         fds = tuple(sock.fileno() for sock in [*self.listeners, *self.tls_listeners])

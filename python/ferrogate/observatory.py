@@ -46,6 +46,7 @@ class Observatory:
     def start(self) -> None:
         if self.status is None:
             return
+        from ferrogate.ai.usage_export import AiUsageExport
         from ferrogate.alerts import AlertService
         from ferrogate.analytics_service import AnalyticsService
         from ferrogate.cache_purge import CachePurge
@@ -62,6 +63,7 @@ class Observatory:
             alerts,
             Dashboard(normalized),
             CachePurge(self.runtime),
+            AiUsageExport(self.runtime, normalized, metrics, analytics),
         ]
         routes = [Route("/healthz", self._healthz, auth=False)]
         for c in self.components:

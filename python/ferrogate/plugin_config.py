@@ -17,7 +17,7 @@ from ferrogate.plugin_registry import PluginSpec, Registry
 from ferrogate.problems import DataPath
 from ferrogate.structcheck import did_you_mean
 
-__all__ = ["Entry", "chain_of", "check_use"]
+__all__ = ["Entry", "chain_of", "check_use", "consumer_chains"]
 
 Report = Callable[[DataPath, str], None]
 
@@ -164,3 +164,47 @@ def chain_of(
             for e in entries
         ],
     }
+
+
+def consumer_chains(
+    uses: dict[str, list[Entry | None]], routes: list[dict[str, Any]], report: Report
+) -> dict[str, list[dict[str, Any]]]:
+    """The normalized plugins of each consumer (``consumers.NAME.plugins``), in run order.
+
+    They run in the access phase only, inside the route's chain right after its
+    authentication plugins (see ``plugin_host``), so a plugin with other hooks or a body
+    mode is refused. When one has an async ``on_request``, every chain's access phase is
+    made async so that it can be awaited.
+    """
+    out: dict[str, list[dict[str, Any]]] = {}
+    any_async = False
+    for consumer, entries in uses.items():
+        kept: list[tuple[int, Entry]] = []
+        for j, entry in enumerate(entries):
+            if entry is None or not entry.enabled:
+                continue
+            at: DataPath = ("consumers", consumer, "plugins", j, "name")
+            name = entry.spec.name
+            other = sorted(h for h in entry.spec.hooks if h != "on_request")
+            if "on_request" not in entry.spec.hooks:
+                report(at, f"plugin '{name}' has no on_request: a consumer's plugins run there")
+            elif other or entry.request_body or entry.response_body != "none":
+                report(
+                    at,
+                    f"plugin '{name}' on consumer '{consumer}': a consumer's plugins run in the "
+                    f"access phase only (on_request), and this one also needs "
+                    f"{', '.join(other) or 'a body'}",
+                )
+            else:
+                kept.append((j, entry))
+        kept.sort(key=lambda v: (-v[1].priority, v[0]))
+        any_async = any_async or any(e.spec.hooks["on_request"] for _, e in kept)
+        out[consumer] = [
+            {"name": e.spec.name, "config": e.config, "priority": e.priority, **e.settings}
+            for _, e in kept
+        ]
+    if any_async:
+        for route in routes:
+            if route.get("plugins"):
+                route["plugins"]["request"] = "async"
+    return out

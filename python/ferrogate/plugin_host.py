@@ -21,11 +21,19 @@ from typing import Any
 
 import msgspec
 
-from ferrogate import consumers
+from ferrogate import consumer_plugins, consumers
 from ferrogate.hooks import Chain, Host, Slot
 from ferrogate.plugin_registry import discover
 
-__all__ = ["build_host", "hook_loop", "hooks_of", "load", "publish_stats"]
+__all__ = [
+    "build_host",
+    "hook_loop",
+    "hooks_of",
+    "load",
+    "publish_stats",
+    "set_worker_identity",
+    "worker_identity",
+]
 
 _loop: asyncio.AbstractEventLoop | None = None
 _loop_lock = threading.Lock()
@@ -35,6 +43,20 @@ _current: Host | None = None
 _stats_path: Path | None = None
 _stats_worker = 0
 STATS_INTERVAL = 2.0
+# The runtime file and worker id of this worker process (None outside a worker).
+_identity: tuple[Path, int] | None = None
+
+
+def set_worker_identity(runtime: Path, worker_id: int) -> None:
+    """Said by the worker before its first host is built."""
+    global _identity
+    _identity = (runtime, worker_id)
+
+
+def worker_identity() -> tuple[Path, int] | None:
+    """The runtime file and worker id, for plugins that hand the master files of their own
+    beside it (``ai/usage.py``); None outside a worker."""
+    return _identity
 
 
 def publish_stats(path: str | os.PathLike[str], worker_id: int) -> None:
@@ -85,11 +107,13 @@ def hook_loop() -> asyncio.AbstractEventLoop:
 
 def hooks_of(plugin: Any, declared: Mapping[str, bool], response_body: str) -> dict[str, Any]:
     """The bound hooks of ``plugin`` that run: body hooks only in the body mode its config
-    asked for."""
+    asked for; a plugin with both body hooks keeps both (each request may pick the mode,
+    ``req.response_body_mode``) unless its config asked for none."""
     skip = set()
-    if response_body != "buffered":
+    both = "on_response_body" in declared and "on_response_chunk" in declared
+    if response_body != "buffered" and not (both and response_body == "streamed"):
         skip.add("on_response_body")
-    if response_body != "streamed":
+    if response_body != "streamed" and not (both and response_body == "buffered"):
         skip.add("on_response_chunk")
     return {hook: getattr(plugin, hook) for hook in declared if hook not in skip}
 
@@ -105,36 +129,52 @@ def build_host(config: dict[str, Any]) -> Host | None:
     chains: list[Chain] = [Chain(r["name"], []) for r in routes]
     instances: dict[tuple[str, str], Any] = {}
     any_async = False
+
+    def slot_of(entry: dict[str, Any], skip_for: frozenset[str] = frozenset()) -> Slot:
+        nonlocal any_async
+        plugin_spec = registry.plugins.get(entry["name"])
+        if plugin_spec is None:
+            problems = "; ".join(registry.problems) or "not found"
+            raise RuntimeError(f"plugin '{entry['name']}' is not available: {problems}")
+        # One instance per plugin and config in a worker: a top-level plugin on every
+        # route is one object (with one connection pool, one cache), as in Kong.
+        key = (entry["name"], json.dumps(entry["config"], sort_keys=True))
+        plugin = instances.get(key)
+        if plugin is None:
+            config_struct = msgspec.convert(entry["config"], plugin_spec.config_type)
+            plugin = instances[key] = plugin_spec.cls(config_struct)
+        hooks = hooks_of(plugin, plugin_spec.hooks, entry.get("response_body", "none"))
+        any_async = any_async or any(plugin_spec.hooks.values())
+        return Slot(
+            entry["name"],
+            plugin,
+            consumer_plugins.guarded(hooks, skip_for),
+            timeout=entry.get("timeout"),
+            budget=entry.get("budget"),
+            on_over_budget=entry.get("on_over_budget", "log"),
+            bypass_for=entry.get("bypass_for", 30.0),
+        )
+
+    # Plugins per consumer: one dispatching slot in every chain (consumer_plugins.py).
+    own = {
+        name: [slot_of(entry) for entry in c["plugins"]]
+        for name, c in config.get("consumers", {}).items()
+        if c.get("plugins")
+    }
+    dispatch = consumer_plugins.dispatcher(own, any_async) if own else None
+    replaced = consumer_plugins.overriding(config.get("consumers", {}))
     for route in routes:
         spec = route.get("plugins")
         if not spec:
             continue
-        slots = []
-        for entry in spec["entries"]:
-            plugin_spec = registry.plugins.get(entry["name"])
-            if plugin_spec is None:
-                problems = "; ".join(registry.problems) or "not found"
-                raise RuntimeError(f"plugin '{entry['name']}' is not available: {problems}")
-            # One instance per plugin and config in a worker: a top-level plugin on every
-            # route is one object (with one connection pool, one cache), as in Kong.
-            key = (entry["name"], json.dumps(entry["config"], sort_keys=True))
-            plugin = instances.get(key)
-            if plugin is None:
-                config_struct = msgspec.convert(entry["config"], plugin_spec.config_type)
-                plugin = instances[key] = plugin_spec.cls(config_struct)
-            hooks = hooks_of(plugin, plugin_spec.hooks, entry.get("response_body", "none"))
-            any_async = any_async or any(plugin_spec.hooks.values())
-            slots.append(
-                Slot(
-                    entry["name"],
-                    plugin,
-                    hooks,
-                    timeout=entry.get("timeout"),
-                    budget=entry.get("budget"),
-                    on_over_budget=entry.get("on_over_budget", "log"),
-                    bypass_for=entry.get("bypass_for", 30.0),
-                )
-            )
+        entries = spec["entries"]
+        at = consumer_plugins.position(entries)
+        slots = [
+            slot_of(entry, replaced.get(entry["name"], frozenset()) if i >= at else frozenset())
+            for i, entry in enumerate(entries)
+        ]
+        if dispatch is not None:
+            slots.insert(at, dispatch)
         chains[spec["chain"]] = Chain(route["name"], slots)
     host = Host(chains, hook_loop() if any_async else None)
     if _current is not None:

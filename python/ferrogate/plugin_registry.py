@@ -40,6 +40,7 @@ BUILTIN = {
     "graphql": "ferrogate.plugins.graphql:GraphQL",
     "soap": "ferrogate.plugins.soap:Soap",
     "grpc-transcode": "ferrogate.plugins.grpc_transcode:GrpcTranscode",
+    "ai-gateway": "ferrogate.ai.plugin:AiGateway",
 }
 
 BodyMode = Literal["none", "buffered", "streamed"]
@@ -87,10 +88,6 @@ def spec_of(cls: type[Plugin], source: str) -> PluginSpec:
     hooks = declared_hooks(cls)
     if not hooks:
         raise ValueError(f"plugin '{name}' defines no hook (on_request, on_response, ...)")
-    if "on_response_body" in hooks and "on_response_chunk" in hooks:
-        raise ValueError(
-            f"plugin '{name}' defines both on_response_body and on_response_chunk; pick one"
-        )
     for body_hook in ("on_response_body", "on_response_chunk"):
         if hooks.get(body_hook):
             raise ValueError(f"plugin '{name}': {body_hook} must be a plain def, not async")

@@ -5,6 +5,7 @@ on its own finds every unknown key, missing field and bad value in one pass.
 """
 
 import difflib
+import functools
 import re
 import types
 import typing
@@ -14,6 +15,20 @@ from typing import Any
 import msgspec
 
 from ferrogate.problems import DataPath
+
+
+def _type_info(tp: Any) -> Any:
+    # msgspec rebuilds the whole tree of a type on every call (milliseconds for Config),
+    # and a config check asks for the same few types many times: an admin change or a
+    # cluster revision is validated on the path of its propagation.
+    try:
+        return _cached_type_info(tp)
+    except TypeError:  # an unhashable annotation
+        return msgspec.inspect.type_info(tp)
+
+
+# Bounded: plugin code reloaded from plugins_dir brings new Config classes each time.
+_cached_type_info = functools.lru_cache(maxsize=512)(msgspec.inspect.type_info)
 
 # report(path, message, at_key): at_key points the problem at the key rather than the value.
 Report = Callable[[DataPath, str, bool], None]
@@ -92,7 +107,7 @@ def convert_leaf(value: Any, tp: Any, path: DataPath, report: Report) -> bool:
         assert match is not None
         suffix = _error_suffix(match.group("path") or "")
         message = _friendly(match.group("message"))
-        choices = _choices(msgspec.inspect.type_info(tp)) if not suffix else []
+        choices = _choices(_type_info(tp)) if not suffix else []
         if message.startswith("invalid enum value") and choices:
             message = f"invalid value {value!r}: expected {' or '.join(choices)}"
             message += did_you_mean(str(value), [c.strip("'") for c in choices])
@@ -106,7 +121,7 @@ def check_value(value: Any, tp: Any, path: DataPath, report: Report) -> bool:
     base = _strip_annotated(tp)
     if _is_struct(base) and isinstance(value, dict):
         return check_struct(value, base, path, report)
-    if _contains_struct(msgspec.inspect.type_info(base)):
+    if _contains_struct(_type_info(base)):
         origin = typing.get_origin(base)
         if origin is list and isinstance(value, list):
             (item_type,) = typing.get_args(base)
@@ -138,7 +153,7 @@ def _tagged_member(value: dict[str, Any], union: Any) -> tuple[Any, Any] | None:
     tags: dict[Any, Any] = {}
     tag_field = None
     for m in members:
-        info = msgspec.inspect.type_info(_strip_annotated(m))
+        info = _type_info(_strip_annotated(m))
         if isinstance(info, msgspec.inspect.StructType) and info.tag_field is not None:
             tag_field = info.tag_field
             tags[info.tag] = m
@@ -158,7 +173,7 @@ def _tagged_member(value: dict[str, Any], union: Any) -> tuple[Any, Any] | None:
 def check_struct(
     value: dict[str, Any], cls: type[msgspec.Struct], path: DataPath, report: Report
 ) -> bool:
-    info = msgspec.inspect.type_info(cls)
+    info = _type_info(cls)
     assert isinstance(info, msgspec.inspect.StructType)
     hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.encode_name: f for f in info.fields}
@@ -217,7 +232,7 @@ def salvage(value: Any, tp: Any, path: DataPath, touched: Callable[[DataPath], b
     base = _strip_annotated(tp)
     if _is_struct(base):
         return _salvage_struct(value if isinstance(value, dict) else {}, base, path, touched)
-    if _contains_struct(msgspec.inspect.type_info(base)):
+    if _contains_struct(_type_info(base)):
         origin = typing.get_origin(base)
         if origin is list and isinstance(value, list):
             (item_type,) = typing.get_args(base)
@@ -232,7 +247,7 @@ def salvage(value: Any, tp: Any, path: DataPath, touched: Callable[[DataPath], b
             for member in typing.get_args(base):
                 if _is_struct(_strip_annotated(member)):
                     return salvage(value, member, path, touched)
-    return placeholder(msgspec.inspect.type_info(tp))
+    return placeholder(_type_info(tp))
 
 
 def _salvage_struct(
@@ -241,7 +256,7 @@ def _salvage_struct(
     path: DataPath,
     touched: Callable[[DataPath], bool],
 ) -> dict[str, Any]:
-    info = msgspec.inspect.type_info(cls)
+    info = _type_info(cls)
     assert isinstance(info, msgspec.inspect.StructType)
     hints = typing.get_type_hints(cls, include_extras=True)
     out: dict[str, Any] = {}

@@ -46,6 +46,7 @@ class _PluginLoader:
         from ferrogate import plugin_host
         from ferrogate.runtime_files import plugin_stats_file
 
+        plugin_host.set_worker_identity(Path(self.runtime), self.worker_id)
         host = plugin_host.load(config_json)
         if not self.publishing:
             self.publishing = True

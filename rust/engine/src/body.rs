@@ -364,6 +364,8 @@ pub enum ResponseBody<G> {
     Trailed(Option<Bytes>, Option<Box<http::HeaderMap>>),
     /// A gRPC response framed for a gRPC-Web client (`grpc_web.rs`).
     GrpcWeb(Box<crate::grpc_web::WebBody<ResponseBody<G>>>),
+    /// An event stream with heartbeats while idle (`sse.rs`).
+    Heartbeat(Box<crate::sse::Heartbeat<ResponseBody<G>>>),
 }
 
 /// The plugin side of a response body: chunk hooks (streamed mode), and the log record
@@ -493,6 +495,7 @@ impl<G: Unpin> Body for ResponseBody<G> {
             ResponseBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ResponseBody::Compressed(c) => Pin::new(&mut **c).poll_frame(cx),
             ResponseBody::GrpcWeb(w) => Pin::new(&mut **w).poll_frame(cx),
+            ResponseBody::Heartbeat(h) => Pin::new(&mut **h).poll_frame(cx),
             ResponseBody::Trailed(b, t) => Poll::Ready(match b.take().filter(|b| !b.is_empty()) {
                 Some(b) => Some(Ok(Frame::data(b))),
                 None => t.take().map(|t| Ok(Frame::trailers(*t))),
@@ -549,6 +552,7 @@ impl<G: Unpin> Body for ResponseBody<G> {
             ResponseBody::Observed(o) => o.0.is_end_stream(),
             ResponseBody::Compressed(c) => c.is_end_stream(),
             ResponseBody::GrpcWeb(w) => w.is_end_stream(),
+            ResponseBody::Heartbeat(h) => h.is_end_stream(),
             ResponseBody::Trailed(b, t) => b.as_ref().is_none_or(|b| b.is_empty()) && t.is_none(),
         }
     }
@@ -562,6 +566,7 @@ impl<G: Unpin> Body for ResponseBody<G> {
             ResponseBody::Observed(o) => o.0.size_hint(),
             ResponseBody::Compressed(c) => c.size_hint(),
             ResponseBody::GrpcWeb(w) => w.size_hint(),
+            ResponseBody::Heartbeat(h) => h.size_hint(),
             ResponseBody::Trailed(..) => SizeHint::default(),
         }
     }

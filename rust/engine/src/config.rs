@@ -70,6 +70,20 @@ pub struct TlsConfig {
     pub min_version: String,
     #[serde(default)]
     pub client_auth: ClientAuthConfig,
+    /// The `certificates:` entities (inline PEM), picked by SNI before `certificates`.
+    #[serde(default)]
+    pub sni: Vec<SniCertificate>,
+}
+
+/// A certificate entity: served to clients that ask for one of `snis` (`*.` wildcards).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct SniCertificate {
+    pub name: String,
+    /// PEM: the certificate, then its intermediates.
+    pub cert: String,
+    /// PEM private key.
+    pub key: String,
+    pub snis: Vec<String>,
 }
 
 fn default_tls_version() -> String {
@@ -662,6 +676,10 @@ pub struct RouteConfig {
     /// Seconds a WebSocket session may stay silent both ways; 0: no limit.
     #[serde(default = "default_websocket_idle")]
     pub websocket_idle: f64,
+    /// Seconds an event stream (`text/event-stream`) may sit idle at an event boundary
+    /// before the gateway sends a `: ping` comment (`sse.rs`); 0: never.
+    #[serde(default)]
+    pub sse_heartbeat: f64,
     /// Static headers on every response of the route (`lifecycle.rs`).
     #[serde(default)]
     pub response_headers: Vec<crate::lifecycle::ResponseHeaderConfig>,

@@ -118,7 +118,8 @@ pub async fn dispatch(
     let mut attempt_start = started;
     let result = loop {
         let target = picked.target;
-        if !route.preserve_host {
+        // A fallback attempt (`req.fallbacks`) has no client Host to preserve.
+        if !route.preserve_host || !parts.headers.contains_key(header::HOST) {
             parts.headers.insert(header::HOST, target.host_header.clone());
         }
         if let Some(run) = ctx.plugins.as_mut() {

@@ -62,6 +62,8 @@ pub struct RequestCtx {
     /// A WebSocket handshake in progress: the client's side, then the accepted session.
     pub websocket: Option<crate::websocket::Pending>,
     pub websocket_session: Option<crate::websocket::Session>,
+    /// Set when the request had fallbacks (`req.fallbacks`) and went past its first attempt.
+    pub fell_back: Option<Box<crate::plugins::FellBack>>,
 }
 
 /// A request's run through its route's plugin chain.

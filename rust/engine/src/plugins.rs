@@ -123,6 +123,53 @@ pub struct RequestEdits {
     /// Who the request is from, as an authentication plugin established it.
     pub consumer: Option<String>,
     pub credential: Option<String>,
+    /// Where the request goes and how its answer comes back, when a plugin said so
+    /// (boxed: most requests carry none).
+    pub routing: Option<Box<Routing>>,
+}
+
+/// `req.upstream`, `req.fallbacks`/`req.fallback_on` and `req.response_body_mode`.
+#[derive(Debug, Default)]
+pub struct Routing {
+    /// A configured upstream's name, instead of the route's.
+    pub upstream: Option<String>,
+    /// Sent in order after the request when it fails (see `fallback_on`).
+    pub fallbacks: Vec<Attempt>,
+    /// Statuses that make the next attempt go out; None: 429 and 500-599.
+    pub fallback_on: Option<Vec<u16>>,
+    /// The body mode of this response, for chains whose plugins offer both.
+    pub body_mode: Option<BodyMode>,
+}
+
+impl Routing {
+    /// Whether an answer with `status` is given up on for the next attempt.
+    pub fn falls_back_on(&self, status: u16) -> bool {
+        match &self.fallback_on {
+            None => status == 429 || (500..=599).contains(&status),
+            Some(list) => list.contains(&status),
+        }
+    }
+}
+
+/// One fallback attempt: the whole request to send instead (the engine adds its own
+/// headers: X-Request-Id, Via, X-Forwarded-*, traceparent, Host).
+#[derive(Debug)]
+pub struct Attempt {
+    pub upstream: String,
+    /// None: the method of the request before it.
+    pub method: Option<Method>,
+    /// Path, optionally with `?query`; None: the request's upstream path.
+    pub path: Option<String>,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// Which attempt answered a request that had fallbacks, and the ones given up on
+/// (`(upstream, status)`, status 0: no answer), for the response hooks and the log.
+#[derive(Debug, Clone, Default)]
+pub struct FellBack {
+    pub attempt: u32,
+    pub skipped: Vec<(String, u16)>,
 }
 
 /// A response a plugin answers with instead of the upstream.
@@ -193,7 +240,8 @@ pub trait PluginHost: Send + Sync {
         view: &RequestView<'_>,
     ) -> (Option<PluginState>, Hook<RequestDecision>);
 
-    /// Response head, the upstream's or an early answer.
+    /// Response head, the upstream's or an early answer; `fell_back` for a request that
+    /// had fallbacks and used one (or gave up on some).
     fn on_response(
         &self,
         chain: u32,
@@ -201,6 +249,7 @@ pub trait PluginHost: Send + Sync {
         state: &PluginState,
         status: StatusCode,
         headers: &HeaderMap,
+        fell_back: Option<&FellBack>,
     ) -> Hook<ResponseEdits>;
 
     /// The whole response body (buffered mode) and its trailers, if any; may change the

@@ -12,7 +12,7 @@ use crate::headers::{new_request_id, strip_hop_by_hop, X_REQUEST_ID};
 use crate::limiter::{check, check_cluster, real_client_ip, Limit, Who};
 use crate::observe::{Finish, ObserveEnv, Observer, Unanswered};
 use crate::phase::{PluginRun, RequestCtx};
-use crate::plugins::{BodyMode, HookMode, RequestDecision, RequestView, ResponseEdits};
+use crate::plugins::{BodyMode, FellBack, HookMode, RequestDecision, RequestView, ResponseEdits, Routing};
 use crate::quota::check_quotas;
 use crate::ratelimit::SharedTable;
 use crate::router::{RequestHead, Route};
@@ -138,6 +138,7 @@ pub async fn handle(
         capture_body_cap: 0,
         websocket: None,
         websocket_session: None,
+        fell_back: None,
     };
     let (mut head, body) = req.into_parts();
     // A gRPC call gets gRPC answers, errors included; a gRPC-Web one goes upstream as gRPC.
@@ -172,6 +173,14 @@ pub async fn handle(
         None => resp,
         Some(run) => plugin_response(run, ctx, resp).await,
     };
+    // Heartbeats go after the plugins' chunk hooks (they see the upstream's bytes only).
+    if let Some(idle) = ctx.route.as_ref().and_then(|r| r.sse_heartbeat) {
+        if crate::sse::applies(&resp) {
+            let (parts, body) = resp.into_parts();
+            let body = crate::sse::Heartbeat::new(body, idle);
+            resp = Response::from_parts(parts, ResponseBody::Heartbeat(Box::new(body)));
+        }
+    }
     if let Some(call) = &grpc {
         resp = crate::grpc::as_grpc(resp, ctx.upstream_time.is_some()).await;
         if let Some(web) = call.web {
@@ -348,11 +357,11 @@ async fn forward(
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
     };
     // phase: route (which upstream: version rules, then the weighted split)
-    let chosen = match &route.split {
+    let mut chosen = match &route.split {
         None => route.upstream,
         Some(split) => split.choose(route.upstream, &parts.headers, ctx.client_ip.as_bytes()),
     };
-    let upstream = &engine.upstreams[chosen];
+    let mut upstream = &engine.upstreams[chosen];
     if let Some(spec) = &route.plugins {
         let host = engine.plugins.clone().ok_or_else(|| {
             GatewayError::new(
@@ -444,16 +453,38 @@ async fn forward(
         }
     }
     let mut query_override = None;
+    // Fallback attempts (`req.fallbacks`), with their upstreams' indexes.
+    let mut fallbacks = None;
     if let Some(mut run) = ctx.plugins.take() {
         let outcome = request_plugins(ctx, &mut run, &route, &mut parts, &mut client_body).await;
         ctx.plugins = Some(run);
         match outcome? {
             PluginOutcome::Respond(resp) => return Ok(*resp),
-            PluginOutcome::Continue { path, query } => {
+            PluginOutcome::Continue { path, query, routing } => {
                 if path.is_some() {
                     upstream_path = path;
                 }
                 query_override = query;
+                if let Some(routing) = routing {
+                    if let Some(name) = &routing.upstream {
+                        chosen = upstream_named(engine, name)?;
+                        upstream = &engine.upstreams[chosen];
+                    }
+                    if let (Some(mode), Some(run)) = (routing.body_mode, ctx.plugins.as_mut()) {
+                        // Only a chain with body hooks has a mode to switch.
+                        if run.spec.response_body != BodyMode::None {
+                            run.spec.response_body = mode;
+                        }
+                    }
+                    if !routing.fallbacks.is_empty() {
+                        let targets = routing
+                            .fallbacks
+                            .iter()
+                            .map(|a| upstream_named(engine, &a.upstream))
+                            .collect::<Result<Vec<_>, _>>()?;
+                        fallbacks = Some((routing, targets));
+                    }
+                }
             }
         }
     }
@@ -527,21 +558,11 @@ async fn forward(
 
     // send: picks a target, retries and falls back as the upstream and route say
     let query = query_override.as_deref();
-    // Adaptive concurrency: over the upstream's current limit, shed now rather than queue.
-    let permit = match &upstream.adaptive {
-        None => None,
-        Some(limit) => Some(limit.try_acquire().ok_or_else(|| {
-            GatewayError::new(
-                ErrorKind::Overloaded,
-                format!(
-                    "upstream {} is at its concurrency limit ({}); try again shortly",
-                    upstream.name,
-                    limit.limit()
-                ),
-            )
-        })?),
-    };
-    let dispatched = dispatch(
+    // What a fallback attempt without a path of its own is sent to.
+    let main_target = fallbacks
+        .as_ref()
+        .map(|_| (parts.uri.clone(), upstream_path.clone(), query_override.clone()));
+    let mut dispatched = send(
         engine,
         &route,
         chosen,
@@ -552,12 +573,20 @@ async fn forward(
         query,
     )
     .await;
-    if let Some(p) = permit {
-        p.done(dispatched.is_err());
-    }
     ctx.bytes_in = body.bytes_read();
     if let Some(captured) = body.take_captured() {
         ctx.captured_body = Some(captured);
+    }
+    if let (Some((routing, targets)), Some(main)) = (fallbacks, main_target) {
+        let head = AttemptHead {
+            method: &parts.method,
+            version: client_version,
+            main,
+        };
+        let (result, used) =
+            fall_back(engine, &route, ctx, &head, &routing, &targets, chosen, dispatched).await;
+        dispatched = result;
+        upstream = &engine.upstreams[used];
     }
     if let (Err(e), Some(fill)) = (&dispatched, &cache_fill) {
         // stale-if-error: a stored answer instead of the gateway's error.
@@ -615,6 +644,152 @@ async fn forward(
             _guard: guard,
         },
     ))
+}
+
+/// The index of the upstream a plugin named; an unknown one is the plugin's error.
+fn upstream_named(engine: &Engine, name: &str) -> Result<usize, GatewayError> {
+    engine
+        .upstreams
+        .iter()
+        .position(|u| u.name == name)
+        .ok_or_else(|| {
+            GatewayError::new(
+                ErrorKind::PluginFailed,
+                format!("a plugin sent the request to upstream '{name}', which is not configured"),
+            )
+        })
+}
+
+/// One attempt at the upstream: adaptive concurrency admits or sheds, then `dispatch`.
+#[allow(clippy::too_many_arguments)]
+async fn send(
+    engine: &Engine,
+    route: &Route,
+    chosen: usize,
+    ctx: &mut RequestCtx,
+    parts: &mut request::Parts,
+    body: &mut RequestBody,
+    upstream_path: Option<String>,
+    query: Option<&str>,
+) -> Result<Dispatched, GatewayError> {
+    let upstream = &engine.upstreams[chosen];
+    // Over the upstream's current limit, shed now rather than queue.
+    let permit = match &upstream.adaptive {
+        None => None,
+        Some(limit) => Some(limit.try_acquire().ok_or_else(|| {
+            GatewayError::new(
+                ErrorKind::Overloaded,
+                format!(
+                    "upstream {} is at its concurrency limit ({}); try again shortly",
+                    upstream.name,
+                    limit.limit()
+                ),
+            )
+        })?),
+    };
+    let dispatched = dispatch(engine, route, chosen, ctx, parts, body, upstream_path, query).await;
+    if let Some(p) = permit {
+        p.done(dispatched.is_err());
+    }
+    dispatched
+}
+
+/// What fallback attempts take from the request: its method, the client's HTTP version
+/// (for Via), and where it was sent (URI, rewritten path, query) for attempts without a
+/// path of their own.
+struct AttemptHead<'a> {
+    method: &'a http::Method,
+    version: Version,
+    main: (Uri, Option<String>, Option<String>),
+}
+
+/// The status an attempt's outcome is judged by: the answer's, 0 when the upstream gave
+/// none (unreachable, timed out, no healthy target); None for an outcome that is final
+/// whatever the fallbacks (the client's own error, a plugin's).
+fn outcome_status(result: &Result<Dispatched, GatewayError>) -> Option<u16> {
+    match result {
+        Ok(Dispatched::Upstream(resp, _)) => Some(resp.status().as_u16()),
+        Ok(Dispatched::Respond(resp)) => Some(resp.status().as_u16()),
+        Err(e) => matches!(
+            e.kind,
+            ErrorKind::UpstreamUnreachable
+                | ErrorKind::UpstreamTimeout
+                | ErrorKind::UpstreamTlsFailed
+                | ErrorKind::NoHealthyTarget
+                | ErrorKind::CircuitOpen
+                | ErrorKind::Overloaded
+        )
+        .then_some(0),
+    }
+}
+
+/// `req.fallbacks`: while the last attempt failed (a status in `fallback_on`, or no
+/// answer), its answer is dropped unread (nothing has reached the client) and the next
+/// attempt goes out. Returns the outcome to answer with and its upstream's index.
+#[allow(clippy::too_many_arguments)]
+async fn fall_back(
+    engine: &Engine,
+    route: &Route,
+    ctx: &mut RequestCtx,
+    head: &AttemptHead<'_>,
+    routing: &Routing,
+    targets: &[usize],
+    first: usize,
+    mut result: Result<Dispatched, GatewayError>,
+) -> (Result<Dispatched, GatewayError>, usize) {
+    let mut used = first;
+    let mut skipped = Vec::new();
+    for (i, (attempt, &target)) in routing.fallbacks.iter().zip(targets).enumerate() {
+        match outcome_status(&result) {
+            Some(0) => {}
+            Some(status) if routing.falls_back_on(status) => {}
+            _ => break,
+        }
+        skipped.push((
+            engine.upstreams[used].name.clone(),
+            outcome_status(&result).unwrap_or(0),
+        ));
+        drop(result);
+        used = target;
+        ctx.fell_back = Some(Box::new(FellBack {
+            attempt: i as u32 + 1,
+            skipped: skipped.clone(),
+        }));
+        let mut parts = Request::new(()).into_parts().0;
+        parts.method = attempt.method.clone().unwrap_or_else(|| head.method.clone());
+        parts.version = head.version;
+        parts.headers = attempt.headers.clone();
+        parts.headers.insert(&X_REQUEST_ID, ctx.request_id.clone());
+        if let Some(trace) = &ctx.trace {
+            trace.inject(&mut parts.headers);
+        }
+        for f in &engine.filters {
+            f.upstream_request(ctx, &mut parts);
+        }
+        parts.version = Version::HTTP_11;
+        let (path, query) = match &attempt.path {
+            Some(p) => {
+                parts.uri = match Uri::try_from(p.as_str()) {
+                    Ok(u) => u,
+                    Err(e) => {
+                        result = Err(GatewayError::new(
+                            ErrorKind::PluginFailed,
+                            format!("a fallback's path {p:?} is not a valid path: {e}"),
+                        ));
+                        break;
+                    }
+                };
+                (None, None)
+            }
+            None => {
+                parts.uri = head.main.0.clone();
+                (head.main.1.clone(), head.main.2.as_deref())
+            }
+        };
+        let mut body = RequestBody::buffered(attempt.body.clone());
+        result = send(engine, route, target, ctx, &mut parts, &mut body, path, query).await;
+    }
+    (result, used)
 }
 
 fn all_limits<'e>(engine: &'e Engine, route: &'e Route) -> impl Iterator<Item = &'e Limit> {
@@ -710,6 +885,7 @@ enum PluginOutcome {
     Continue {
         path: Option<String>,
         query: Option<String>,
+        routing: Option<Box<Routing>>,
     },
     Respond(Box<Response<ProxyBody>>),
 }
@@ -781,6 +957,7 @@ async fn request_plugins(
             Ok(PluginOutcome::Continue {
                 path: edits.path,
                 query: edits.query,
+                routing: edits.routing,
             })
         }
     }
@@ -799,11 +976,13 @@ async fn plugin_response(
     let spec = run.spec.clone();
     let (mut parts, mut body) = resp.into_parts();
     let mut failed = false;
-    if spec.crosses_response() {
+    // A request that fell back crosses anyway: body hooks and `on_log` see the attempt.
+    if spec.crosses_response() || ctx.fell_back.is_some() {
         let mode = spec.response.unwrap_or(HookMode::Sync);
+        let fell_back = ctx.fell_back.as_deref();
         let hook = run
             .host
-            .on_response(spec.chain, mode, &state, parts.status, &parts.headers);
+            .on_response(spec.chain, mode, &state, parts.status, &parts.headers, fell_back);
         match hook.wait().await {
             Ok(edits) => apply_response_edits(&mut parts, edits),
             Err(e) => {

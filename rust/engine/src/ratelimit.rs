@@ -21,9 +21,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 const PROBE: usize = 16;
 
 #[repr(C)]
-struct Slot {
+pub(crate) struct Slot {
     key: AtomicU64,
-    tat: AtomicU64,
+    /// A limit's theoretical arrival time; other users of a table keep their own value here.
+    pub(crate) tat: AtomicU64,
 }
 
 pub const SLOT_BYTES: usize = std::mem::size_of::<Slot>();
@@ -97,9 +98,18 @@ impl SharedTable {
         unsafe { &*self.slots.add(i & self.mask) }
     }
 
+    /// The value of `key`'s slot, if it has one (nothing is claimed).
+    pub(crate) fn peek(&self, key: u64) -> Option<u64> {
+        let start = (key as usize).wrapping_mul(0x9E37_79B9) ^ (key >> 32) as usize;
+        (0..PROBE)
+            .map(|i| self.slot(start + i))
+            .find(|s| s.key.load(Ordering::Acquire) == key)
+            .map(|s| s.tat.load(Ordering::Acquire))
+    }
+
     /// The slot of `key`, claiming an empty one, or else one whose value `idle` says holds
     /// nothing worth keeping, if the key has none.
-    fn find(&self, key: u64, idle: impl Fn(u64) -> bool) -> Option<&Slot> {
+    pub(crate) fn find(&self, key: u64, idle: impl Fn(u64) -> bool) -> Option<&Slot> {
         let start = (key as usize).wrapping_mul(0x9E37_79B9) ^ (key >> 32) as usize;
         for i in 0..PROBE {
             let s = self.slot(start + i);

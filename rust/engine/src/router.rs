@@ -70,6 +70,8 @@ pub struct Route {
     /// WebSocket handshakes pass, and their sessions' idle limit (None: no limit).
     pub websocket: bool,
     pub websocket_idle: Option<std::time::Duration>,
+    /// Idle time after which an event stream gets a `: ping` comment (`sse.rs`).
+    pub sse_heartbeat: Option<std::time::Duration>,
     methods: Vec<Method>,
     headers: Vec<(HeaderName, Matcher)>,
     query: Vec<(String, Matcher)>,
@@ -687,6 +689,7 @@ fn compile_route(
         cache,
         websocket: rc.websocket,
         websocket_idle: (rc.websocket_idle > 0.0).then(|| crate::upstream::secs(rc.websocket_idle)),
+        sse_heartbeat: (rc.sse_heartbeat > 0.0).then(|| crate::upstream::secs(rc.sse_heartbeat)),
     })
 }
 

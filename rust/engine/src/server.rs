@@ -209,6 +209,11 @@ pub fn serve(
         };
         let table = table.map_err(|e| format!("cannot map the rate limit table: {e}"))?;
         let quotas = quotas.map_err(|e| format!("cannot map the quota table: {e}"))?;
+        if let Some((fd, len, quota_len)) = limits {
+            // Plugins' counters (`counters.rs`), after both tables in the same memfd.
+            crate::counters::install_from_fd(fd, len + quota_len)
+                .map_err(|e| format!("cannot map the plugin counter tables: {e}"))?;
+        }
         // The node's health check board; without one, this worker probes on its own.
         let board = match health {
             Some((fd, len)) => Some(

@@ -6,7 +6,7 @@
 //! a rebuild swaps in a new one, and connections already set up keep theirs. A rebuild that
 //! fails (a half-written file, a key that does not match) keeps the old config and logs.
 
-use crate::config::{ClientAuthMode, ConfigProblem, ConsumerConfig, TlsConfig};
+use crate::config::{ClientAuthMode, ConfigProblem, ConsumerConfig, SniCertificate, TlsConfig};
 use crate::server::log_event;
 use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
@@ -280,44 +280,84 @@ fn load_certificate(cert: &str, key: &str, provider: &CryptoProvider) -> Result<
         .map(|(_, c)| dns_names(&c))
         .unwrap_or_default();
     let der = load_key(key).map_err(|e| (false, e))?;
-    let signing = provider
-        .key_provider
-        .load_private_key(der)
-        .map_err(|e| (false, format!("{key}: unusable private key: {e}")))?;
-    let certified = CertifiedKey::new(chain, signing);
-    match certified.keys_match() {
-        Ok(()) => {}
-        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
-        Err(_) => {
-            return Err((
-                false,
-                format!("the private key in {key} does not belong to the certificate in {cert}"),
-            ))
-        }
-    }
+    let certified = certified(chain, der, provider).map_err(|e| match e {
+        Mismatch::Unusable(e) => (false, format!("{key}: unusable private key: {e}")),
+        Mismatch::NotItsKey => (
+            false,
+            format!("the private key in {key} does not belong to the certificate in {cert}"),
+        ),
+    })?;
     Ok(Served {
         key: Arc::new(certified),
         names,
     })
 }
 
+enum Mismatch {
+    Unusable(rustls::Error),
+    NotItsKey,
+}
+
+fn certified(
+    chain: Vec<CertificateDer<'static>>,
+    der: PrivateKeyDer<'static>,
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey, Mismatch> {
+    let signing = provider
+        .key_provider
+        .load_private_key(der)
+        .map_err(Mismatch::Unusable)?;
+    let certified = CertifiedKey::new(chain, signing);
+    match certified.keys_match() {
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => Ok(certified),
+        Err(_) => Err(Mismatch::NotItsKey),
+    }
+}
+
+/// A `certificates:` entity from its inline PEM; errors never quote the key.
+fn load_entity(c: &SniCertificate, provider: &CryptoProvider) -> Result<Served, (bool, String)> {
+    let chain = CertificateDer::pem_slice_iter(c.cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| (true, format!("not a PEM certificate: {e}")))?;
+    if chain.is_empty() {
+        return Err((true, "no PEM certificate (BEGIN CERTIFICATE)".into()));
+    }
+    let der = PrivateKeyDer::from_pem_slice(c.key.as_bytes()).map_err(|_| {
+        (
+            false,
+            "not a PEM private key (PKCS#8, PKCS#1 or SEC1)".to_string(),
+        )
+    })?;
+    let certified = certified(chain, der, provider).map_err(|e| match e {
+        Mismatch::Unusable(e) => (false, format!("unusable private key: {e}")),
+        Mismatch::NotItsKey => (false, "the private key does not belong to the certificate".into()),
+    })?;
+    Ok(Served {
+        key: Arc::new(certified),
+        names: c.snis.iter().map(|n| n.to_ascii_lowercase()).collect(),
+    })
+}
+
 /// Picks the certificate for the name the client asked for (SNI): an exact name, then a
-/// `*.` wildcard one level up, then the first certificate.
+/// `*.` wildcard one level up, then the default (the listener's first certificate). At
+/// each step the `certificates:` entities come before the listener's own files.
 #[derive(Debug)]
 struct SniResolver {
     keys: Vec<Arc<CertifiedKey>>,
     exact: HashMap<String, usize>,
     wildcard: HashMap<String, usize>,
+    default: usize,
 }
 
 impl SniResolver {
-    fn new(served: Vec<Served>) -> Self {
+    fn new(entities: Vec<Served>, own: Vec<Served>) -> Self {
         let mut r = SniResolver {
             keys: Vec::new(),
             exact: HashMap::new(),
             wildcard: HashMap::new(),
+            default: entities.len(),
         };
-        for (i, s) in served.into_iter().enumerate() {
+        for (i, s) in entities.into_iter().chain(own).enumerate() {
             for name in s.names {
                 // The first certificate listed for a name wins.
                 match name.strip_prefix("*.") {
@@ -332,14 +372,14 @@ impl SniResolver {
 
     fn pick(&self, server_name: Option<&str>) -> usize {
         let Some(name) = server_name.map(str::to_ascii_lowercase) else {
-            return 0;
+            return self.default;
         };
         if let Some(&i) = self.exact.get(&name) {
             return i;
         }
         name.split_once('.')
             .and_then(|(_, parent)| self.wildcard.get(parent).copied())
-            .unwrap_or(0)
+            .unwrap_or(self.default)
     }
 }
 
@@ -360,6 +400,16 @@ pub fn server_config(cfg: &TlsConfig) -> Result<Arc<ServerConfig>, Vec<ConfigPro
             Ok(s) => served.push(s),
             Err((on_cert, message)) => problems.push(ConfigProblem::new(
                 format!("tls.certificates[{i}].{}", if on_cert { "cert" } else { "key" }),
+                message,
+            )),
+        }
+    }
+    let mut entities = Vec::new();
+    for c in &cfg.sni {
+        match load_entity(c, &provider) {
+            Ok(s) => entities.push(s),
+            Err((on_cert, message)) => problems.push(ConfigProblem::new(
+                format!("certificates.{}.{}", c.name, if on_cert { "cert" } else { "key" }),
                 message,
             )),
         }
@@ -408,7 +458,7 @@ pub fn server_config(cfg: &TlsConfig) -> Result<Arc<ServerConfig>, Vec<ConfigPro
         Some(v) => builder.with_client_cert_verifier(v),
         None => builder.with_no_client_auth(),
     };
-    let mut config = builder.with_cert_resolver(Arc::new(SniResolver::new(served)));
+    let mut config = builder.with_cert_resolver(Arc::new(SniResolver::new(entities, served)));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -640,6 +690,7 @@ mod tests {
             keys: Vec::new(),
             exact: HashMap::from([("a.example".into(), 1), ("b.example".into(), 2)]),
             wildcard: HashMap::from([("example".into(), 3)]),
+            default: 0,
         };
         assert_eq!(r.pick(None), 0);
         assert_eq!(r.pick(Some("A.Example")), 1);
@@ -647,5 +698,17 @@ mod tests {
         assert_eq!(r.pick(Some("c.example")), 3);
         assert_eq!(r.pick(Some("x.c.example")), 0);
         assert_eq!(r.pick(Some("other.test")), 0);
+    }
+
+    #[test]
+    fn entities_come_first_and_the_listener_stays_the_default() {
+        let r = SniResolver {
+            keys: Vec::new(),
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+            default: 2,
+        };
+        assert_eq!(r.pick(None), 2);
+        assert_eq!(r.pick(Some("unknown.test")), 2);
     }
 }

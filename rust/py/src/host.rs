@@ -9,8 +9,8 @@
 use bytes::Bytes;
 use ferrogate_engine::error::{ErrorKind, GatewayError};
 use ferrogate_engine::plugins::{
-    EarlyResponse, HeaderEdits, Hook, HookMode, HookResult, HostLoader, LogRecord, PluginHost, PluginState,
-    RequestDecision, RequestEdits, RequestView, ResponseEdits,
+    Attempt, BodyMode, EarlyResponse, FellBack, HeaderEdits, Hook, HookMode, HookResult, HostLoader,
+    LogRecord, PluginHost, PluginState, RequestDecision, RequestEdits, RequestView, ResponseEdits, Routing,
 };
 use ferrogate_engine::server::log_event;
 use ferrogate_engine::trace::hex;
@@ -327,7 +327,95 @@ fn request_decision(d: &Bound<'_, PyAny>) -> HookResult<RequestDecision> {
         edits.consumer = consumer_of(opt(t, 6)?)?;
         edits.credential = consumer_of(opt(t, 7)?)?;
     }
+    if t.len() > 8 {
+        if let Some(r) = opt(t, 8)? {
+            edits.routing = Some(Box::new(routing_of(&r)?));
+        }
+    }
     Ok(RequestDecision::Continue(edits))
+}
+
+/// `(upstream, fallbacks, fallback_on, body_mode)` (see `hooks.py`).
+fn routing_of(r: &Bound<'_, PyAny>) -> HookResult<Routing> {
+    let t = r
+        .cast::<PyTuple>()
+        .ok()
+        .filter(|t| t.len() == 4)
+        .ok_or_else(|| invalid("routing that is not a 4-tuple"))?;
+    let mut routing = Routing::default();
+    if let Some(u) = opt(t, 0)? {
+        routing.upstream = Some(
+            u.extract()
+                .map_err(|_| invalid("an upstream that is not a str"))?,
+        );
+    }
+    if let Some(list) = opt(t, 1)? {
+        let list = list
+            .cast_into::<PyList>()
+            .map_err(|_| invalid("fallbacks that are not a list"))?;
+        for a in list.iter() {
+            routing.fallbacks.push(attempt_of(&a)?);
+        }
+    }
+    if let Some(on) = opt(t, 2)? {
+        routing.fallback_on = Some(
+            on.extract()
+                .map_err(|_| invalid("fallback_on that is not a list of statuses"))?,
+        );
+    }
+    if let Some(m) = opt(t, 3)? {
+        let m: String = m
+            .extract()
+            .map_err(|_| invalid("a body mode that is not a str"))?;
+        routing.body_mode = Some(match m.as_str() {
+            "buffered" => BodyMode::Buffered,
+            "streamed" => BodyMode::Streamed,
+            _ => return Err(invalid(format_args!("an unknown body mode {m:?}"))),
+        });
+    }
+    Ok(routing)
+}
+
+/// `(upstream, method, path, headers, body)` of one fallback.
+fn attempt_of(a: &Bound<'_, PyAny>) -> HookResult<Attempt> {
+    let t = a
+        .cast::<PyTuple>()
+        .ok()
+        .filter(|t| t.len() == 5)
+        .ok_or_else(|| invalid("an attempt that is not a 5-tuple"))?;
+    let item = |i: usize| t.get_item(i).map_err(|_| invalid("a short attempt"));
+    let upstream: String = item(0)?
+        .extract()
+        .map_err(|_| invalid("an attempt upstream that is not a str"))?;
+    let method = match opt(t, 1)? {
+        None => None,
+        Some(m) => {
+            let m: String = m.extract().map_err(|_| invalid("a method that is not a str"))?;
+            Some(
+                Method::from_bytes(m.as_bytes())
+                    .map_err(|_| invalid(format_args!("an invalid method {m:?}")))?,
+            )
+        }
+    };
+    let path = match opt(t, 2)? {
+        None => None,
+        Some(p) => {
+            let p: String = p.extract().map_err(|_| invalid("a path that is not a str"))?;
+            if !p.starts_with('/') {
+                return Err(invalid(format_args!(
+                    "an attempt path that does not start with '/': {p:?}"
+                )));
+            }
+            Some(p)
+        }
+    };
+    Ok(Attempt {
+        upstream,
+        method,
+        path,
+        headers: header_map(&item(3)?)?,
+        body: bytes_of(&item(4)?)?,
+    })
 }
 
 /// A consumer or credential name of a decision (`None` when unchanged).
@@ -490,6 +578,7 @@ impl PluginHost for PyHost {
         state: &PluginState,
         status: StatusCode,
         headers: &HeaderMap,
+        fell_back: Option<&FellBack>,
     ) -> Hook<ResponseEdits> {
         Python::attach(|py| {
             let req = state_of(state).bind(py);
@@ -497,7 +586,16 @@ impl PluginHost for PyHost {
             let host = self.host.bind(py);
             match mode {
                 HookMode::Sync => {
-                    match host.call_method1(intern!(py, "response"), (chain, req, status.as_u16(), blob)) {
+                    let answer = match fell_back {
+                        None => {
+                            host.call_method1(intern!(py, "response"), (chain, req, status.as_u16(), blob))
+                        }
+                        Some(f) => host.call_method1(
+                            intern!(py, "response"),
+                            (chain, req, status.as_u16(), blob, f.attempt, f.skipped.clone()),
+                        ),
+                    };
+                    match answer {
                         Ok(d) => Hook::Ready(response_edits(&d)),
                         Err(e) => Hook::Ready(Err(plugin_error(py, &e))),
                     }
@@ -507,7 +605,11 @@ impl PluginHost for PyHost {
                     let done = Done {
                         tx: Mutex::new(Some(Waiting::Response(tx))),
                     };
-                    let args = (chain, req, status.as_u16(), blob, done);
+                    let (attempt, skipped) = match fell_back {
+                        None => (0, None),
+                        Some(f) => (f.attempt, Some(f.skipped.clone())),
+                    };
+                    let args = (chain, req, status.as_u16(), blob, done, attempt, skipped);
                     match host.call_method1(intern!(py, "response_async"), args) {
                         Ok(_) => pending(rx),
                         Err(e) => Hook::Ready(Err(plugin_error(py, &e))),

@@ -146,6 +146,40 @@ fn sha256_hex(text: &str) -> String {
     trace::hex(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref())
 }
 
+/// GCRA for plugins, shared by the node's workers: take `cost` units from `key`'s bucket
+/// (`per_second` refill, `burst` capacity); 0.0 when allowed (and charged), else the
+/// seconds until it would be (nothing charged).
+#[pyfunction]
+fn rate_take(key: &str, per_second: f64, burst: f64, cost: f64) -> f64 {
+    ferrogate_engine::counters::rate_take(key, per_second, burst, cost)
+}
+
+/// Charge (`delta` > 0) or refund (`delta` < 0) `key`'s bucket without a check.
+#[pyfunction]
+fn rate_adjust(key: &str, per_second: f64, burst: f64, delta: f64) {
+    let _ = burst; // the bucket's state does not depend on its capacity
+    ferrogate_engine::counters::rate_adjust(key, per_second, delta)
+}
+
+/// Add `amount` to `key`'s total in `window` if it stays within `limit`: the new total,
+/// else -1.
+#[pyfunction]
+fn budget_reserve(key: &str, window: i64, amount: u64, limit: u64) -> i64 {
+    ferrogate_engine::counters::budget_reserve(key, window, amount, limit)
+}
+
+/// Add `delta` to `key`'s total in `window` (never below 0); the new total.
+#[pyfunction]
+fn budget_adjust(key: &str, window: i64, delta: i64) -> i64 {
+    ferrogate_engine::counters::budget_adjust(key, window, delta)
+}
+
+/// `key`'s total in `window`.
+#[pyfunction]
+fn budget_used(key: &str, window: i64) -> i64 {
+    ferrogate_engine::counters::budget_used(key, window)
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -155,5 +189,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(serve_echo, m)?)?;
     m.add_function(wrap_pyfunction!(record_span, m)?)?;
     m.add_function(wrap_pyfunction!(sha256_hex, m)?)?;
+    m.add_function(wrap_pyfunction!(rate_take, m)?)?;
+    m.add_function(wrap_pyfunction!(rate_adjust, m)?)?;
+    m.add_function(wrap_pyfunction!(budget_reserve, m)?)?;
+    m.add_function(wrap_pyfunction!(budget_adjust, m)?)?;
+    m.add_function(wrap_pyfunction!(budget_used, m)?)?;
     Ok(())
 }

@@ -1,0 +1,1 @@
+"""The AI gateway: an OpenAI-compatible API over many model providers (docs/ai.md)."""

@@ -1,0 +1,1 @@
+"""Test servers speaking model providers' documented wire formats, on loopback."""
