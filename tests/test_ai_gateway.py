@@ -91,6 +91,11 @@ def test_completion_passes_through_with_the_deployment_model_and_key(
     assert seen.headers["authorization"] == f"Bearer {PROVIDER_KEY}"
     assert KEY_A not in json.dumps(seen.headers)
     assert seen.headers["host"] == f"127.0.0.1:{provider.port}"
+    # Of the SDK's own headers only user-agent goes on; answers are asked for uncompressed
+    # (the gateway reads them), whatever the client accepts.
+    assert seen.headers["user-agent"].startswith("OpenAI/Python")
+    assert "accept-encoding" not in seen.headers
+    assert not [h for h in seen.headers if h.startswith("x-stainless")]
 
 
 def test_streaming_event_by_event_and_usage_only_when_asked(

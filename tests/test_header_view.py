@@ -140,6 +140,25 @@ def test_touching_every_field_sends_the_whole_list(m: Any) -> None:
     assert h._wire() == [("a", "1")]
 
 
+def test_replacing_every_field_sends_the_new_list_whole(m: Any) -> None:
+    h = m._wire_headers(TEXT)
+    kept = h.get("accept")
+    h.replace([("Authorization", "Bearer provider-key"), ("accept", kept), ("x-n", 7)])
+    assert h.changed
+    assert h.get("apikey") is None and "host" not in h
+    assert h.get("authorization") == "Bearer provider-key"
+    wire = [("authorization", "Bearer provider-key"), ("accept", "*/*"), ("x-n", "7")]
+    assert h._wire() == wire
+    assert _apply(FIELDS, h._wire()) == wire
+    # later edits apply to the new list
+    h["x-n"] = "8"
+    h.add("x-more", "1")
+    assert h._wire()[-2:] == [("x-n", "8"), ("x-more", "1")]
+    h = m._wire_headers(TEXT)
+    h.replace({})
+    assert h._wire() == [] and len(h) == 0
+
+
 def _apply(fields: list[tuple[str, str]], wire: Any) -> list[tuple[str, str]]:
     """What the data plane does with a wire form (see the hooks module doc)."""
     if isinstance(wire, list):

@@ -186,6 +186,7 @@ idle() {  # wait (up to 5 s) until the gateway core is quiet, so one target's ta
         awk -v a="$a" -v b="$b" 'BEGIN {split(a, x, " "); split(b, y, " "); t = y[3] - x[3];
             exit !(t > 0 && (y[1] - x[1]) / t < 0.05)}' && return 0
     done
+    log "  the gateway core stayed busy for 5 s (another process on cpu $PROXY_CPU?)"
 }
 : >"$RESULTS"
 for CONNS in 1 64; do

@@ -371,6 +371,21 @@ class Headers(_Fields):
             return True
         return _Fields.remove(self, name)
 
+    def replace(self, items: "Mapping[str, str] | Iterable[tuple[str, str]]") -> None:
+        """Make ``items`` the only fields, in order (every field there was is dropped).
+        Cheaper than removing names one by one: the blob is never parsed, and the data
+        plane gets the new list whole."""
+        pairs = items.items() if isinstance(items, Mapping) else items
+        fields = [[self._key(name), _text(value)] for name, value in pairs]
+        self._items = fields
+        self._text = ""
+        self._extra = None
+        self._gone = True
+        # Every field is a touched one, now and after later edits: the wire form stays the
+        # whole list (a diff would apply to the fields the data plane still holds).
+        self._dirty = dict.fromkeys(f[0] for f in fields)
+        self.changed = True
+
     def _wire(self) -> "list[tuple[str, str]] | tuple[list[str], list[tuple[str, str]]]":
         """The changed fields for the data plane: the whole list, or the diff when some
         fields were left untouched (see the module doc)."""

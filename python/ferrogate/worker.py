@@ -1,6 +1,7 @@
 """``python -m ferrogate.worker``: one data plane worker process, started by the master."""
 
 import argparse
+import gc
 import signal
 import sys
 import traceback
@@ -48,6 +49,12 @@ class _PluginLoader:
 
         plugin_host.set_worker_identity(Path(self.runtime), self.worker_id)
         host = plugin_host.load(config_json)
+        # What is loaded now (modules, vocabularies, configs) lives as long as the config:
+        # out of the collector's sight, the collections that requests' garbage triggers stay
+        # short. Unfrozen first, so that a previous config's cycles can still be freed.
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
         if not self.publishing:
             self.publishing = True
             path = plugin_stats_file(Path(self.runtime), self.worker_id)

@@ -26,6 +26,8 @@ from ferrogate import _core
 from ferrogate.ai import adapters
 from ferrogate.ai.adapters.base import Adapter, Deployment, Unsupported, Usage, error_body
 from ferrogate.ai.adapters.openai import usage_of
+from ferrogate.ai.tokens import count_messages, count_text, estimate_messages, estimate_text
+from ferrogate.ai.usage import UsageRecord
 from ferrogate.consumers import current as current_consumers
 from ferrogate.hooks import Attempt, Request, Response
 from ferrogate.plugin import Plugin
@@ -36,15 +38,24 @@ _decode = msgspec.json.decode
 _encode = msgspec.json.encode
 _now = time.monotonic
 
-# Headers of the client that may reach a provider; everything else (its gateway key first
-# of all) is dropped.
-_KEEP = frozenset(("content-type", "accept", "user-agent", "accept-encoding"))
+# Headers of the client that may reach a provider, unless the adapter sets them;
+# everything else (its gateway key first of all) is dropped. Not accept-encoding: answers
+# are read here (usage, translation), so they come uncompressed.
+_KEEP = ("content-type", "accept", "user-agent")
+
+_WINDOWS: list[tuple[int, tuple[int, int]]] = [(-1, (0, 0))]
 
 
 def _windows(now: float) -> tuple[int, int]:
-    """(day, month) numbers of the UTC calendar."""
+    """(day, month) numbers of the UTC calendar (worked out once a day)."""
+    day = int(now // 86400)
+    cached = _WINDOWS[0]
+    if cached[0] == day:
+        return cached[1]
     t = time.gmtime(now)
-    return int(now // 86400), t.tm_year * 12 + t.tm_mon
+    out = (day, t.tm_year * 12 + t.tm_mon)
+    _WINDOWS[0] = (day, out)
+    return out
 
 
 def _error(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> Response:
@@ -186,10 +197,7 @@ def _make_recorder(cfg: Any) -> Any:
 
 
 def _estimate_prompt(body: dict[str, Any]) -> int:
-    try:
-        from ferrogate.ai.tokens import estimate_messages, estimate_text
-    except ImportError:
-        return len(_encode(body.get("messages") or body.get("input") or "")) // 4 + 1
+    """A quick count for reservations (the real tokenizer runs in the log phase)."""
     if "messages" in body:
         return int(estimate_messages(body["messages"]))
     inp = body.get("input")
@@ -200,22 +208,10 @@ def _estimate_prompt(body: dict[str, Any]) -> int:
     return 1
 
 
-def _count_text(text: str) -> int:
-    try:
-        from ferrogate.ai.tokens import count_text
-    except ImportError:
-        return len(text) // 4 + 1
-    return int(count_text(text))
-
-
 def _count_prompt(f: _Flight) -> int:
     """The prompt counted with the real tokenizer (the log phase can afford it)."""
     messages = f.body.get("messages")
     if not isinstance(messages, list):
-        return f.est_tokens
-    try:
-        from ferrogate.ai.tokens import count_messages
-    except ImportError:
         return f.est_tokens
     return int(count_messages(messages, f.dep.dep.model if f.dep else None))
 
@@ -459,11 +455,11 @@ class AiGateway(Plugin):
         req.path = path
         req.query = query
         headers = req.headers
-        for name in list(headers):
-            if name not in _KEEP:
-                headers.remove(name)
-        for name, value in first.headers:
-            headers[name] = value
+        sets = {name for name, _ in first.headers}
+        kept = [
+            (name, v) for name in _KEEP if name not in sets and (v := headers.get(name)) is not None
+        ]
+        headers.replace(kept + first.headers if kept else first.headers)
         req.body = first.body
         req.response_body_mode = "streamed" if f.stream else "buffered"
         req.upstream = deps[0].dep.upstream
@@ -825,7 +821,7 @@ class AiGateway(Plugin):
                     content = (choice.get("delta") or {}).get("content")
                     if isinstance(content, str):
                         text.append(content)
-            completion = _count_text("".join(text))
+            completion = count_text("".join(text))
         elif f.answer and not f.stream:
             try:
                 doc = _decode(f.answer[0])
@@ -839,7 +835,7 @@ class AiGateway(Plugin):
                 for call in message.get("tool_calls") or ():
                     fn = (call.get("function") or {}) if isinstance(call, dict) else {}
                     text.append(str(fn.get("name") or "") + str(fn.get("arguments") or ""))
-            completion = _count_text("".join(text))
+            completion = count_text("".join(text))
         return Usage(prompt_tokens=_count_prompt(f), completion_tokens=completion, estimated=True)
 
     def _settle(self, f: _Flight, tokens: int, cost: int) -> None:
@@ -858,8 +854,6 @@ class AiGateway(Plugin):
             f.reserved = 0
 
     def _record(self, req: Request, f: _Flight, info: Any, usage: Usage | None, cost: int) -> None:
-        from ferrogate.ai.usage import UsageRecord
-
         dep = f.dep
         skipped = getattr(req.response, "skipped", None) or ()
         rec = UsageRecord(
