@@ -140,6 +140,109 @@ def test_response_over_the_buffer_cap_is_502(gateway: GatewayFactory, upstream: 
     assert r.json()["error"]["code"] == "response_too_large"
 
 
+def wait_for_lines(path: Path, n: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """The first ``n`` JSON lines of ``path`` once it has them (the log phase runs after
+    the answer went out)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = path.read_text() if path.exists() else ""
+        lines = [json.loads(line) for line in text.splitlines()]
+        if len(lines) >= n or time.monotonic() > deadline:
+            return lines[:n]
+        time.sleep(0.02)
+
+
+def test_body_hooks_see_what_head_hooks_changed(
+    gateway: GatewayFactory, upstream: Upstream, tmp_path: Path
+) -> None:
+    # A buffered body and sync head hooks cross into Python once for both phases: the head
+    # hooks still run first, and alone when the body cannot be handed over.
+    log = tmp_path / "log.jsonl"
+    gw = gateway(
+        one_route(
+            upstream,
+            {"name": "t-log", "config": {"path": str(log)}},
+            {"name": "t-head-body"},
+        ),
+        workers=1,
+    )
+    r = gw.get("/hb", headers={"x-up-size": "1000"})
+    assert r.status_code == 203
+    assert r.headers["x-head"] == "seen"
+    assert r.json() == {"status": 203, "x-head": "seen", "length": 1000, "mark": "head 200"}
+    r = gw.get("/big", headers={"x-up-size": str(256 * 1024 + 1)})
+    assert r.status_code == 502
+    assert r.json()["error"]["code"] == "response_too_large"
+    lines = [x for x in wait_for_lines(log, 3) if x["path"] in ("/hb", "/big")]
+    assert [(x["path"], x["mark"]) for x in lines] == [("/hb", "head 200"), ("/big", "head 200")]
+
+
+def test_a_body_at_hand_goes_upstream_with_the_head(gateway: GatewayFactory) -> None:
+    # One write for the head and a body that came with the client's head (or that a
+    # plugin buffered): the upstream's first read has both.
+    first_reads: list[bytes] = []
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        for _ in range(2):
+            conn, _ = srv.accept()
+            with conn:
+                data = conn.recv(65536)
+                first_reads.append(data)
+                head, _, rest = data.partition(b"\r\n\r\n")
+                length = int(
+                    next(
+                        line.split(b":", 1)[1]
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    )
+                )
+                while len(rest) < length:
+                    rest += conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    port = srv.getsockname()[1]
+    gw = gateway(
+        {
+            "plugins_dir": PLUGINS_DIR,
+            "upstreams": {"backend": {"targets": [f"127.0.0.1:{port}"]}},
+            "routes": [
+                {"name": "plain", "paths": ["/plain/*"], "upstream": "backend"},
+                {
+                    "name": "buffered",
+                    "paths": ["/buffered/*"],
+                    "upstream": "backend",
+                    "plugins": [{"name": "t-json-body"}],
+                },
+            ],
+        },
+        workers=1,
+    )
+    body = json.dumps({"name": "ada", "pad": "x" * 3000}).encode()
+    # The client's head and body in one segment: read together, sent on together.
+    with socket.create_connection(("127.0.0.1", gw.port)) as c:
+        c.sendall(
+            b"POST /plain/x HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+            + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+            + body
+        )
+        answer = b""
+        while chunk := c.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200")
+    # A body a plugin buffered is always at hand, however the client sent it.
+    r = gw.request("POST", "/buffered/x", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 200
+    t.join(5)
+    srv.close()
+    assert len(first_reads) == 2
+    for data in first_reads:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        assert rest.startswith(b'{"name"'), data[:200]
+
+
 class TrickleUpstream:
     """Sends a chunked response in two parts; the second only after ``release`` is set."""
 

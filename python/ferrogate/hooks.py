@@ -1288,6 +1288,29 @@ class Host:
         out = run_body(self.chains[chain], req, resp, body)
         return resp._decision(), out
 
+    def response_whole(
+        self,
+        chain: int,
+        req: Request,
+        status: int,
+        headers: "str | bytes",
+        body: bytes,
+        trailers: "str | None" = None,
+        attempt: int = 0,
+        skipped: "list[tuple[str, int]] | None" = None,
+    ) -> tuple[Any, bytes]:
+        """``response`` then ``response_body`` in one call (a buffered body and sync
+        ``on_response`` hooks): the data plane crosses once for both."""
+        resp = _wire_response(status, headers)
+        if skipped is not None:
+            resp.attempt = attempt
+            resp.skipped = skipped
+        req.response = resp
+        run_response(self.chains[chain], req, resp)
+        resp.trailers = None if trailers is None else _wire_headers(trailers)
+        out = run_body(self.chains[chain], req, resp, body)
+        return resp._decision(), out
+
     def response_chunk(self, chain: int, req: Request, chunk: bytes, last: bool) -> bytes:
         resp = req.response
         if resp is None:

@@ -102,6 +102,28 @@ class ResponseBody(Plugin):
         return json.dumps(data).encode()
 
 
+class HeadThenBody(Plugin):
+    """Changes the head in ``on_response`` and reports, from the body hook, what it saw."""
+
+    name = "t-head-body"
+    max_body_size = 256 * 1024
+
+    def on_response(self, req: Request, resp: Response) -> None:
+        req.ctx["mark"] = f"head {resp.status}"
+        resp.status = 203
+        resp.headers["x-head"] = "seen"
+
+    def on_response_body(self, req: Request, resp: Response, body: bytes) -> bytes:
+        return json.dumps(
+            {
+                "status": resp.status,
+                "x-head": resp.headers.get("x-head"),
+                "length": len(body),
+                "mark": req.ctx.get("mark"),
+            }
+        ).encode()
+
+
 class UpperStream(Plugin):
     """Upper-cases the response body chunk by chunk, then appends the chunk count."""
 

@@ -216,6 +216,24 @@ def _count_prompt(f: _Flight) -> int:
     return int(count_messages(messages, f.dep.dep.model if f.dep else None))
 
 
+class _Quota:
+    """The limits of one consumer on one model alias: rate counters (key, rate per second,
+    burst, counted in tokens), budgets (key, window index, period, limit in USD) and the
+    alias's highest prices."""
+
+    __slots__ = ("budgets", "price", "rates")
+
+    def __init__(
+        self,
+        rates: list[tuple[str, float, float, bool]],
+        budgets: list[tuple[str, int, str, float]],
+        price: tuple[float, float],
+    ) -> None:
+        self.rates = rates
+        self.budgets = budgets
+        self.price = price
+
+
 class _Flight:
     """One request's state from on_request to on_log (``req.ctx["ai"]``)."""
 
@@ -223,6 +241,7 @@ class _Flight:
         "alias",
         "answer",
         "body",
+        "budgets",
         "cache_key",
         "cached",
         "consumer",
@@ -242,7 +261,6 @@ class _Flight:
         "translator",
         "ttft",
         "usage",
-        "windows",
     )
 
     def __init__(self) -> None:
@@ -265,8 +283,10 @@ class _Flight:
         self.translator: Any = None
         self.ttft: float | None = None
         self.usage: Usage | None = None
-        self.windows: tuple[int, int] = (0, 0)
-        self.limits: list[tuple[str, float, float]] = []
+        self.budgets: list[tuple[str, int]] = []
+        """The budget counters reserved in, with their windows."""
+        self.limits: list[tuple[str, float, float, float]] = []
+        """The token limits charged: key, rate, burst, tokens."""
         self.messages: Any = None
         self.maskers: dict[int, Any] | None = None
         """Per choice, the guardrails' stream maskers (when answers are masked)."""
@@ -302,6 +322,7 @@ class AiGateway(Plugin):
         self.state = _state_for(config.settings)
         self.endpoint = config.endpoint
         self.registry = current_consumers()
+        self._quotas: dict[tuple[str, str], _Quota] = {}
         self.prompt: Any = None
         self.cache_scope = f"{config.endpoint}:{config.prompt or ''}:"
         if config.prompt is not None:
@@ -477,32 +498,46 @@ class AiGateway(Plugin):
         req.ctx["ai"] = f
         return None
 
+    def _quota(self, who: str, alias: str, policy: dict[str, Any]) -> _Quota:
+        """What ``_limits`` counts for ``who`` on ``alias``, worked out on first use (the
+        plugin is rebuilt with each config, so this never goes stale)."""
+        rates: list[tuple[str, float, float, bool]] = []
+        if policy.get("rpm"):
+            rates.append((f"ai:rpm:{who}", policy["rpm"] / 60.0, float(policy["rpm"]), False))
+        if policy.get("tpm"):
+            rates.append((f"ai:tpm:{who}", policy["tpm"] / 60.0, float(policy["tpm"]), True))
+        per_model = policy.get("model_limits", {}).get(alias)
+        if per_model:
+            if per_model.get("rpm"):
+                rpm = per_model["rpm"]
+                rates.append((f"ai:rpm:{who}:{alias}", rpm / 60.0, float(rpm), False))
+            if per_model.get("tpm"):
+                tpm = per_model["tpm"]
+                rates.append((f"ai:tpm:{who}:{alias}", tpm / 60.0, float(tpm), True))
+        budgets: list[tuple[str, int, str, float]] = []
+        budget = policy.get("budget") or {}
+        for index, period in enumerate(("day", "month")):
+            limit = budget.get(period)
+            if limit is not None:
+                budgets.append((f"ai:budget:{period}:{who}", index, period, limit))
+        quota = _Quota(rates, budgets, self.state.max_price.get(alias, (0.0, 0.0)))
+        self._quotas[(who, alias)] = quota
+        return quota
+
     def _limits(
         self, f: _Flight, policy: dict[str, Any], alias: str, max_out: int
     ) -> Response | None:
         """rpm and tpm per consumer and per consumer+model, then the budgets."""
-        who = f.consumer
-        checks: list[tuple[str, float, float]] = []
-        if policy.get("rpm"):
-            checks.append((f"ai:rpm:{who}", policy["rpm"] / 60.0, 1.0))
-        if policy.get("tpm"):
-            checks.append((f"ai:tpm:{who}", policy["tpm"] / 60.0, float(f.est_tokens)))
-        per_model = policy.get("model_limits", {}).get(alias)
-        if per_model:
-            if per_model.get("rpm"):
-                checks.append((f"ai:rpm:{who}:{alias}", per_model["rpm"] / 60.0, 1.0))
-            if per_model.get("tpm"):
-                checks.append(
-                    (f"ai:tpm:{who}:{alias}", per_model["tpm"] / 60.0, float(f.est_tokens))
-                )
-        taken: list[tuple[str, float, float]] = []
-        for key, rate, cost in checks:
-            burst = rate * 60.0
+        q = self._quotas.get((f.consumer, alias)) or self._quota(f.consumer, alias, policy)
+        tokens = float(f.est_tokens)
+        taken: list[tuple[str, float, float, float]] = []
+        for key, rate, burst, per_token in q.rates:
+            cost = tokens if per_token else 1.0
             wait = _core.rate_take(key, rate, burst, cost)
             if wait > 0:
-                for k, r, c in taken:
-                    _core.rate_adjust(k, r, r * 60.0, -c)
-                kind = "requests" if ":rpm:" in key else "tokens"
+                for k, r, b, c in taken:
+                    _core.rate_adjust(k, r, b, -c)
+                kind = "tokens" if per_token else "requests"
                 retry = max(1, int(wait + 0.999))
                 return _error(
                     429,
@@ -510,24 +545,21 @@ class AiGateway(Plugin):
                     "rate_limit_exceeded",
                     {"retry-after": str(retry)},
                 )
-            taken.append((key, rate, cost))
-        f.limits = [t for t in taken if ":tpm:" in t[0]]
-        budget = policy.get("budget")
-        if budget:
-            pin, pout = self.state.max_price[alias]
+            if per_token:
+                f.limits.append((key, rate, burst, cost))
+            taken.append((key, rate, burst, cost))
+        if q.budgets:
+            pin, pout = q.price
             amount = int(f.est_tokens * pin + max_out * pout + 0.999)
-            f.windows = _windows(time.time())
+            windows = _windows(time.time())
             reserved: list[tuple[str, int]] = []
-            for period, window in (("day", f.windows[0]), ("month", f.windows[1])):
-                limit = budget.get(period)
-                if limit is None:
-                    continue
-                key = f"ai:budget:{period}:{who}"
+            for key, index, period, limit in q.budgets:
+                window = windows[index]
                 if _core.budget_reserve(key, window, amount, int(limit * 1e6)) < 0:
                     for k, w in reserved:
                         _core.budget_adjust(k, w, -amount)
-                    for k, r, c in taken:
-                        _core.rate_adjust(k, r, r * 60.0, -c)
+                    for k, r, b, c in taken:
+                        _core.rate_adjust(k, r, b, -c)
                     f.limits = []
                     retry = _seconds_to_next(period)
                     return _error(
@@ -538,6 +570,7 @@ class AiGateway(Plugin):
                         {"retry-after": str(retry)},
                     )
                 reserved.append((key, window))
+            f.budgets = reserved
             f.reserved = amount
         return None
 
@@ -839,18 +872,13 @@ class AiGateway(Plugin):
         return Usage(prompt_tokens=_count_prompt(f), completion_tokens=completion, estimated=True)
 
     def _settle(self, f: _Flight, tokens: int, cost: int) -> None:
-        for key, rate, charged in f.limits:
+        for key, rate, burst, charged in f.limits:
             if tokens != charged:
-                _core.rate_adjust(key, rate, rate * 60.0, tokens - charged)
+                _core.rate_adjust(key, rate, burst, tokens - charged)
         f.limits = []
         if f.reserved:
-            policy = self.state.consumers.get(f.consumer) or {}
-            budget = policy.get("budget") or {}
-            for period, window in (("day", f.windows[0]), ("month", f.windows[1])):
-                if budget.get(period) is not None:
-                    _core.budget_adjust(
-                        f"ai:budget:{period}:{f.consumer}", window, cost - f.reserved
-                    )
+            for key, window in f.budgets:
+                _core.budget_adjust(key, window, cost - f.reserved)
             f.reserved = 0
 
     def _record(self, req: Request, f: _Flight, info: Any, usage: Usage | None, cost: int) -> None:

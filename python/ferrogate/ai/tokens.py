@@ -227,5 +227,25 @@ def _estimate(text: str, model: str | None) -> int:
 
 
 def estimate_messages(messages: list[dict[str, Any]], model: str | None = None) -> int:
-    """:func:`count_messages` with :func:`estimate_text`: cheap, for reservations."""
-    return _messages(messages, _estimate, model)
+    """:func:`count_messages` with :func:`estimate_text`: cheap, for reservations (every
+    request pays it, so plain-text messages take a short path)."""
+    n = REPLY_PRIMING
+    for message in messages:
+        n += TOKENS_PER_MESSAGE
+        if type(message) is not dict:
+            if isinstance(message, Mapping):
+                n += _messages((message,), _estimate, model) - REPLY_PRIMING - TOKENS_PER_MESSAGE
+            continue
+        for key, value in message.items():
+            if key == "role":
+                n += 1
+            elif type(value) is str:
+                if value:
+                    n += (len(value) if value.isascii() else len(value.encode())) // 4 + 1
+                if key == "name":
+                    n += TOKENS_PER_NAME
+            else:
+                n += _value_tokens(key, value, _estimate, model)
+                if key == "name":
+                    n += TOKENS_PER_NAME
+    return n

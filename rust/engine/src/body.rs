@@ -198,6 +198,42 @@ impl RequestBody {
         }
     }
 
+    /// The next data frame when it needs no read: kept for a resend, or read with the
+    /// head. The upstream client sends it in the same write as the request head (one
+    /// segment and one wake-up of the upstream instead of two).
+    pub fn data_at_hand(&self) -> Option<&Bytes> {
+        if let Keep::On { frames, replayed, .. } = &self.keep {
+            if *replayed < frames.len() {
+                return Some(&frames[*replayed]);
+            }
+        }
+        self.first.as_ref().and_then(|f| f.data_ref())
+    }
+
+    /// Hand out the frame [`data_at_hand`] showed, as `poll_frame` would have.
+    ///
+    /// [`data_at_hand`]: RequestBody::data_at_hand
+    pub fn take_at_hand(&mut self) {
+        let _ = self.next_at_hand();
+    }
+
+    fn next_at_hand(&mut self) -> Option<Frame<Bytes>> {
+        if let Keep::On { frames, replayed, .. } = &mut self.keep {
+            if *replayed < frames.len() {
+                *replayed += 1;
+                self.handed = true;
+                return Some(Frame::data(frames[*replayed - 1].clone()));
+            }
+        }
+        let f = self.first.take()?;
+        self.handed = true;
+        if let Some(d) = f.data_ref() {
+            self.kept(d);
+            self.copy_captured(d);
+        }
+        Some(f)
+    }
+
     /// Remember a data frame on its way out.
     #[inline]
     fn kept(&mut self, data: &Bytes) {
@@ -281,19 +317,7 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        if let Keep::On { frames, replayed, .. } = &mut this.keep {
-            if *replayed < frames.len() {
-                *replayed += 1;
-                this.handed = true;
-                return Poll::Ready(Some(Ok(Frame::data(frames[*replayed - 1].clone()))));
-            }
-        }
-        if let Some(f) = this.first.take() {
-            this.handed = true;
-            if let Some(d) = f.data_ref() {
-                this.kept(d);
-                this.copy_captured(d);
-            }
+        if let Some(f) = this.next_at_hand() {
             return Poll::Ready(Some(Ok(f)));
         }
         let Some(inner) = this.inner.as_mut() else {

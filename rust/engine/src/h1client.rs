@@ -294,7 +294,30 @@ async fn send_plain(
     write_timeout: Option<Duration>,
     deadline: Option<(tokio::time::Instant, Duration)>,
 ) -> Result<(bool, bool), ExchangeError> {
-    let written = write_all_vectored(stream, &mut [IoSlice::new(head)], write_timeout).await;
+    // A body already here goes in the head's write; the body is only taken once written,
+    // so a failed write leaves it whole for a retry on a fresh connection.
+    let first = body.data_at_hand().filter(|d| !d.is_empty()).cloned();
+    let written = match &first {
+        None => write_all_vectored(stream, &mut [IoSlice::new(head)], write_timeout).await,
+        Some(data) if chunked => {
+            let size = format!("{:x}\r\n", data.len());
+            let mut parts = [
+                IoSlice::new(head),
+                IoSlice::new(size.as_bytes()),
+                IoSlice::new(data),
+                IoSlice::new(b"\r\n"),
+            ];
+            write_all_vectored(stream, &mut parts, write_timeout).await
+        }
+        Some(data) => {
+            write_all_vectored(
+                stream,
+                &mut [IoSlice::new(head), IoSlice::new(data)],
+                write_timeout,
+            )
+            .await
+        }
+    };
     if let Err(error) = written {
         return Err(ExchangeError::Io {
             error,
@@ -304,6 +327,10 @@ async fn send_plain(
         });
     }
     let mut sent_body = false;
+    if first.is_some() {
+        body.take_at_hand();
+        sent_body = true;
+    }
     let mut answered_early = false;
     if !body.is_end_stream() {
         // An upstream may answer before it has read the whole body (a 413, a redirect)
@@ -330,7 +357,27 @@ async fn send_tls(
     write_timeout: Option<Duration>,
     deadline: Option<(tokio::time::Instant, Duration)>,
 ) -> Result<bool, ExchangeError> {
-    if let Err(error) = write_tls(stream, head, write_timeout).await {
+    // As over plain TCP: a small body already here goes in the head's records.
+    let first = body
+        .data_at_hand()
+        .filter(|d| !d.is_empty() && d.len() <= COALESCE_TLS_BODY)
+        .cloned();
+    let written = match &first {
+        None => write_tls(stream, head, write_timeout).await,
+        Some(data) => {
+            let mut out = Vec::with_capacity(head.len() + data.len() + 20);
+            out.extend_from_slice(head);
+            if chunked {
+                out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+            }
+            out.extend_from_slice(data);
+            if chunked {
+                out.extend_from_slice(b"\r\n");
+            }
+            write_tls(stream, &out, write_timeout).await
+        }
+    };
+    if let Err(error) = written {
         return Err(ExchangeError::Io {
             error,
             before_response: true,
@@ -339,6 +386,10 @@ async fn send_tls(
         });
     }
     let mut sent_body = false;
+    if first.is_some() {
+        body.take_at_hand();
+        sent_body = true;
+    }
     if !body.is_end_stream() {
         tokio::select! {
             biased;
@@ -348,6 +399,9 @@ async fn send_tls(
     }
     Ok(sent_body)
 }
+
+/// Largest body copied next to the head for one TLS write; larger ones go on their own.
+const COALESCE_TLS_BODY: usize = 64 * 1024;
 
 /// Write and flush `data` as TLS records; the timer only matters when the socket is full.
 async fn write_tls(

@@ -262,6 +262,21 @@ pub trait PluginHost: Send + Sync {
         trailers: Option<&HeaderMap>,
     ) -> HookResult<(ResponseEdits, Bytes)>;
 
+    /// `on_response` (sync) and `on_response_body` in one crossing, for a buffered body:
+    /// the head's hooks run first and the body's hooks see their edits, as if called
+    /// one after the other. Saves a crossing per request on such routes.
+    #[allow(clippy::too_many_arguments)]
+    fn on_response_whole(
+        &self,
+        chain: u32,
+        state: &PluginState,
+        status: StatusCode,
+        headers: &HeaderMap,
+        fell_back: Option<&FellBack>,
+        body: Bytes,
+        trailers: Option<&HeaderMap>,
+    ) -> HookResult<(ResponseEdits, Bytes)>;
+
     /// One chunk of a streamed response body; `last` marks the final one.
     fn on_response_chunk(
         &self,

@@ -976,10 +976,13 @@ async fn plugin_response(
     let spec = run.spec.clone();
     let (mut parts, mut body) = resp.into_parts();
     let mut failed = false;
+    let mode = spec.response.unwrap_or(HookMode::Sync);
+    let fell_back = ctx.fell_back.as_deref();
+    // A buffered body with sync head hooks: the head's hooks run with the body's, after it
+    // is read, in one crossing. They still run first, and alone when the body fails.
+    let whole = spec.response_body == BodyMode::Buffered && mode == HookMode::Sync;
     // A request that fell back crosses anyway: body hooks and `on_log` see the attempt.
-    if spec.crosses_response() || ctx.fell_back.is_some() {
-        let mode = spec.response.unwrap_or(HookMode::Sync);
-        let fell_back = ctx.fell_back.as_deref();
+    if (spec.crosses_response() || ctx.fell_back.is_some()) && !whole {
         let hook = run
             .host
             .on_response(spec.chain, mode, &state, parts.status, &parts.headers, fell_back);
@@ -993,11 +996,33 @@ async fn plugin_response(
     }
     if spec.response_body == BodyMode::Buffered && !failed {
         let mut kept = None;
-        let outcome = match collect_with_trailers(body, spec.body_cap).await {
+        let collected = collect_with_trailers(body, spec.body_cap).await;
+        if whole && !matches!(collected, Ok(Some(_))) {
+            // The body cannot be handed over: the head's hooks still see the response.
+            let hook =
+                run.host
+                    .on_response(spec.chain, mode, &state, parts.status, &parts.headers, fell_back);
+            if let Err(e) = hook.wait().await {
+                let (p, b) = error_response(e, &ctx.request_id).into_parts();
+                return finish_plugin_response(run, state, p, b, true);
+            }
+        }
+        let outcome = match collected {
             Ok(Some((bytes, trailers))) => {
-                let out = run
-                    .host
-                    .on_response_body(spec.chain, &state, bytes.clone(), trailers.as_ref());
+                let out = if whole {
+                    run.host.on_response_whole(
+                        spec.chain,
+                        &state,
+                        parts.status,
+                        &parts.headers,
+                        fell_back,
+                        bytes.clone(),
+                        trailers.as_ref(),
+                    )
+                } else {
+                    run.host
+                        .on_response_body(spec.chain, &state, bytes.clone(), trailers.as_ref())
+                };
                 // Trailers go on with the body they belong to; a new body is a plain answer.
                 if matches!(&out, Ok((_, o)) if *o == bytes) {
                     kept = trailers;
@@ -1036,6 +1061,18 @@ async fn plugin_response(
             }
         }
     }
+    finish_plugin_response(run, state, parts, body, failed)
+}
+
+/// The end of [`plugin_response`]: streamed bodies and the log phase get their tap.
+fn finish_plugin_response(
+    mut run: PluginRun,
+    state: crate::plugins::PluginState,
+    mut parts: response::Parts,
+    mut body: ProxyBody,
+    failed: bool,
+) -> Response<ProxyBody> {
+    let spec = run.spec.clone();
     let stream = spec.response_body == BodyMode::Streamed && !failed;
     if stream {
         // Chunk hooks may change the length: the client gets a chunked (or h2) body.

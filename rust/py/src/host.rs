@@ -644,6 +644,46 @@ impl PluginHost for PyHost {
         })
     }
 
+    fn on_response_whole(
+        &self,
+        chain: u32,
+        state: &PluginState,
+        status: StatusCode,
+        headers: &HeaderMap,
+        fell_back: Option<&FellBack>,
+        body: Bytes,
+        trailers: Option<&HeaderMap>,
+    ) -> HookResult<(ResponseEdits, Bytes)> {
+        Python::attach(|py| {
+            let req = state_of(state).bind(py);
+            let blob = header_blob(py, headers);
+            let trailers = trailers.map(|t| header_blob(py, t));
+            let (attempt, skipped) = match fell_back {
+                None => (0, None),
+                Some(f) => (f.attempt, Some(f.skipped.clone())),
+            };
+            let args = (
+                chain,
+                req,
+                status.as_u16(),
+                blob,
+                PyBytes::new(py, &body),
+                trailers,
+                attempt,
+                skipped,
+            );
+            let out = self
+                .host
+                .bind(py)
+                .call_method1(intern!(py, "response_whole"), args)
+                .map_err(|e| plugin_error(py, &e))?;
+            let (decision, out): (Bound<'_, PyAny>, Bound<'_, PyAny>) = out
+                .extract()
+                .map_err(|_| invalid("a body result that is not a pair"))?;
+            Ok((response_edits(&decision)?, bytes_of(&out)?))
+        })
+    }
+
     fn on_response_chunk(
         &self,
         chain: u32,
