@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 __all__ = [
     "__version__",
+    "ai_usage_take",
     "budget_adjust",
     "budget_reserve",
     "budget_used",
@@ -112,3 +113,30 @@ def budget_adjust(key: str, window: int, delta: int) -> int:
 
 def budget_used(key: str, window: int) -> int:
     """``key``'s total in ``window``."""
+
+def ai_usage_take() -> tuple[
+    list[
+        tuple[
+            tuple[float, str, str, str, str, str, str, str],
+            tuple[int, int, int, float, int],
+            tuple[
+                bytes,
+                bytes,
+                list[tuple[str, float, float, float]],
+                list[tuple[str, int]],
+                int,
+                float,
+                float,
+                bool,
+            ]
+            | None,
+        ]
+    ],
+    int,
+]:
+    """The AI pass-through's usage rows queued since the last call, and how many were dropped:
+    ((time, request_id, route, consumer, model, deployment, provider, provider_model),
+    (prompt_tokens, completion_tokens, cost in micro-USD, latency_ms, status), estimate).
+    ``estimate`` is None, or for an answer without usage: (request body, answer, tpm counters
+    charged (key, rate, burst, tokens), budget counters (key, window), micro-USD reserved,
+    price in, price out, record wanted)."""

@@ -425,4 +425,21 @@ def compile_ai(
             **extra,
         )
         out = n.route(i, route, names, known, out_upstreams, timeouts, at)
+        if endpoint == "chat" and _module_exists("ferrogate.ai.fast"):
+            _pass_through(n, settings, out)
         out_routes.append(out)
+
+
+def _pass_through(n: Normalizer, settings: dict[str, Any], route: dict[str, Any]) -> None:
+    """Give the chat route the data plane's pass-through table (``ai/fast.py``), when its
+    chain is the AI plugin alone."""
+    from ferrogate.ai.fast import fast_table
+    from ferrogate.consumers import current
+
+    plugins = route.get("plugins")
+    if not isinstance(plugins, dict) or len(plugins.get("entries") or ()) != 1:
+        return
+    skip = set(getattr(n, "consumer_plugins", None) or ())
+    table = fast_table(settings, int(plugins.get("body_cap") or 0), current(), skip)
+    if table is not None:
+        route["ai_fast"] = table

@@ -23,11 +23,11 @@ import msgspec
 from msgspec import Meta
 
 from ferrogate import _core
-from ferrogate.ai import adapters
+from ferrogate.ai import adapters, fast
 from ferrogate.ai.adapters.base import Adapter, Deployment, Unsupported, Usage, error_body
 from ferrogate.ai.adapters.openai import usage_of
 from ferrogate.ai.tokens import count_messages, count_text, estimate_messages, estimate_text
-from ferrogate.ai.usage import UsageRecord
+from ferrogate.ai.usage import UsageRecord, _sink
 from ferrogate.consumers import current as current_consumers
 from ferrogate.hooks import Attempt, Request, Response
 from ferrogate.plugin import Plugin
@@ -234,6 +234,32 @@ class _Quota:
         self.price = price
 
 
+def quota_of(who: str, alias: str, policy: dict[str, Any], price: tuple[float, float]) -> _Quota:
+    """The counters ``who`` takes on ``alias`` (rpm and tpm per consumer, then per consumer
+    and model), and its budgets; the data plane's pass-through counts with the same
+    (``ai/fast.py``)."""
+    rates: list[tuple[str, float, float, bool]] = []
+    if policy.get("rpm"):
+        rates.append((f"ai:rpm:{who}", policy["rpm"] / 60.0, float(policy["rpm"]), False))
+    if policy.get("tpm"):
+        rates.append((f"ai:tpm:{who}", policy["tpm"] / 60.0, float(policy["tpm"]), True))
+    per_model = policy.get("model_limits", {}).get(alias)
+    if per_model:
+        if per_model.get("rpm"):
+            rpm = per_model["rpm"]
+            rates.append((f"ai:rpm:{who}:{alias}", rpm / 60.0, float(rpm), False))
+        if per_model.get("tpm"):
+            tpm = per_model["tpm"]
+            rates.append((f"ai:tpm:{who}:{alias}", tpm / 60.0, float(tpm), True))
+    budgets: list[tuple[str, int, str, float]] = []
+    budget = policy.get("budget") or {}
+    for index, period in enumerate(("day", "month")):
+        limit = budget.get(period)
+        if limit is not None:
+            budgets.append((f"ai:budget:{period}:{who}", index, period, limit))
+    return _Quota(rates, budgets, price)
+
+
 class _Flight:
     """One request's state from on_request to on_log (``req.ctx["ai"]``)."""
 
@@ -323,6 +349,11 @@ class AiGateway(Plugin):
         self.endpoint = config.endpoint
         self.registry = current_consumers()
         self._quotas: dict[tuple[str, str], _Quota] = {}
+        if config.endpoint == "chat" and config.prompt is None:
+            # Rows of requests the data plane passed through (`ai/fast.py`) go to this
+            # route's recorder; the usage thread takes them even when nothing is recorded.
+            fast.register("ai-chat", self.state.recorder)
+            _sink.start()
         self.prompt: Any = None
         self.cache_scope = f"{config.endpoint}:{config.prompt or ''}:"
         if config.prompt is not None:
@@ -499,28 +530,9 @@ class AiGateway(Plugin):
         return None
 
     def _quota(self, who: str, alias: str, policy: dict[str, Any]) -> _Quota:
-        """What ``_limits`` counts for ``who`` on ``alias``, worked out on first use (the
-        plugin is rebuilt with each config, so this never goes stale)."""
-        rates: list[tuple[str, float, float, bool]] = []
-        if policy.get("rpm"):
-            rates.append((f"ai:rpm:{who}", policy["rpm"] / 60.0, float(policy["rpm"]), False))
-        if policy.get("tpm"):
-            rates.append((f"ai:tpm:{who}", policy["tpm"] / 60.0, float(policy["tpm"]), True))
-        per_model = policy.get("model_limits", {}).get(alias)
-        if per_model:
-            if per_model.get("rpm"):
-                rpm = per_model["rpm"]
-                rates.append((f"ai:rpm:{who}:{alias}", rpm / 60.0, float(rpm), False))
-            if per_model.get("tpm"):
-                tpm = per_model["tpm"]
-                rates.append((f"ai:tpm:{who}:{alias}", tpm / 60.0, float(tpm), True))
-        budgets: list[tuple[str, int, str, float]] = []
-        budget = policy.get("budget") or {}
-        for index, period in enumerate(("day", "month")):
-            limit = budget.get(period)
-            if limit is not None:
-                budgets.append((f"ai:budget:{period}:{who}", index, period, limit))
-        quota = _Quota(rates, budgets, self.state.max_price.get(alias, (0.0, 0.0)))
+        """``quota_of``, worked out on first use (the plugin is rebuilt with each config, so
+        this never goes stale)."""
+        quota = quota_of(who, alias, policy, self.state.max_price.get(alias, (0.0, 0.0)))
         self._quotas[(who, alias)] = quota
         return quota
 
@@ -856,19 +868,7 @@ class AiGateway(Plugin):
                         text.append(content)
             completion = count_text("".join(text))
         elif f.answer and not f.stream:
-            try:
-                doc = _decode(f.answer[0])
-            except msgspec.DecodeError:
-                doc = None
-            text = []
-            for choice in (doc.get("choices") or []) if isinstance(doc, dict) else []:
-                message = (choice.get("message") or {}) if isinstance(choice, dict) else {}
-                if isinstance(message.get("content"), str):
-                    text.append(message["content"])
-                for call in message.get("tool_calls") or ():
-                    fn = (call.get("function") or {}) if isinstance(call, dict) else {}
-                    text.append(str(fn.get("name") or "") + str(fn.get("arguments") or ""))
-            completion = count_text("".join(text))
+            completion = fast.completion_tokens(f.answer[0])
         return Usage(prompt_tokens=_count_prompt(f), completion_tokens=completion, estimated=True)
 
     def _settle(self, f: _Flight, tokens: int, cost: int) -> None:

@@ -201,11 +201,20 @@ class _Sink:
             return self._flush(targets)
 
     def _flush(self, targets: _Targets | None) -> _Targets | None:
+        # The rows of requests the data plane passed through join the queue first.
+        from ferrogate.ai import fast
+
+        passed = fast.drain()
         rows: dict[tuple[int, int, str, str, str], list[float]] = {}
         spool_at: _Targets | None = None
         queue = self.queue
+        batch = []
         while queue:
-            settings, where, rec = queue.popleft()
+            batch.append(queue.popleft())
+        if passed:
+            # Both paths' records, in the order their requests finished.
+            batch.sort(key=lambda q: q[2].time + q[2].latency_ms / 1000.0)
+        for settings, where, rec in batch:
             targets = where
             if settings.log is not None:
                 self._log(settings.log, rec)

@@ -680,6 +680,10 @@ pub struct RouteConfig {
     /// before the gateway sends a `: ping` comment (`sse.rs`); 0: never.
     #[serde(default)]
     pub sse_heartbeat: f64,
+    /// The AI gateway's pass-through table (`ai_fast.rs`), on the route the control plane
+    /// compiles from `ai:` when a pass-through deployment serves it.
+    #[serde(default)]
+    pub ai_fast: Option<crate::ai_fast::AiFastConfig>,
     /// Static headers on every response of the route (`lifecycle.rs`).
     #[serde(default)]
     pub response_headers: Vec<crate::lifecycle::ResponseHeaderConfig>,

@@ -4,6 +4,7 @@
 //! control plane (Python) hands each worker a normalized [`config::GatewayConfig`].
 
 pub mod access_log;
+pub mod ai_fast;
 pub mod analytics;
 pub mod balancer;
 pub mod body;

@@ -64,6 +64,8 @@ pub struct RequestCtx {
     pub websocket_session: Option<crate::websocket::Session>,
     /// Set when the request had fallbacks (`req.fallbacks`) and went past its first attempt.
     pub fell_back: Option<Box<crate::plugins::FellBack>>,
+    /// A request the AI pass-through took (`ai_fast.rs`): settled with its answer.
+    pub ai_meter: Option<Box<crate::ai_fast::Meter>>,
 }
 
 /// A request's run through its route's plugin chain.

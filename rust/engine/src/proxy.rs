@@ -139,6 +139,7 @@ pub async fn handle(
         websocket: None,
         websocket_session: None,
         fell_back: None,
+        ai_meter: None,
     };
     let (mut head, body) = req.into_parts();
     // A gRPC call gets gRPC answers, errors included; a gRPC-Web one goes upstream as gRPC.
@@ -173,6 +174,11 @@ pub async fn handle(
         None => resp,
         Some(run) => plugin_response(run, ctx, resp).await,
     };
+    if let Some(meter) = ctx.ai_meter.take() {
+        let (parts, body) = meter.respond(resp).await.into_parts();
+        resp = Response::from_parts(parts, ResponseBody::full(body));
+        resp.headers_mut().insert(&X_REQUEST_ID, ctx.request_id.clone());
+    }
     // Heartbeats go after the plugins' chunk hooks (they see the upstream's bytes only).
     if let Some(idle) = ctx.route.as_ref().and_then(|r| r.sse_heartbeat) {
         if crate::sse::applies(&resp) {
@@ -453,6 +459,22 @@ async fn forward(
         }
     }
     let mut query_override = None;
+    // The AI gateway's pass-through (`ai_fast.rs`): a request it takes skips the plugins.
+    if let (Some(fast), ClientBody::Whole(bytes)) = (route.ai_fast.as_ref(), &client_body) {
+        if let Some(admitted) = fast.admit(&parts.headers, bytes) {
+            ctx.consumer = Some(admitted.consumer.to_string());
+            ctx.credential = Some(admitted.credential.to_string());
+            parts.method = http::Method::POST;
+            parts.headers = admitted.headers(&parts.headers);
+            upstream_path = Some(admitted.path().to_string());
+            query_override = Some(String::new());
+            chosen = admitted.upstream();
+            upstream = &engine.upstreams[chosen];
+            client_body = ClientBody::Whole(admitted.body.clone());
+            ctx.plugins = None;
+            ctx.ai_meter = Some(Box::new(admitted.meter(&ctx.request_id)));
+        }
+    }
     // Fallback attempts (`req.fallbacks`), with their upstreams' indexes.
     let mut fallbacks = None;
     if let Some(mut run) = ctx.plugins.take() {

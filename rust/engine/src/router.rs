@@ -72,6 +72,7 @@ pub struct Route {
     pub websocket_idle: Option<std::time::Duration>,
     /// Idle time after which an event stream gets a `: ping` comment (`sse.rs`).
     pub sse_heartbeat: Option<std::time::Duration>,
+    pub ai_fast: Option<Arc<crate::ai_fast::AiFast>>,
     methods: Vec<Method>,
     headers: Vec<(HeaderName, Matcher)>,
     query: Vec<(String, Matcher)>,
@@ -658,10 +659,18 @@ fn compile_route(
             .ok()
             .map(Arc::new)
     });
+    let ai_fast = rc.ai_fast.as_ref().and_then(|c| {
+        let at = format!("routes[{i}].ai_fast");
+        crate::ai_fast::AiFast::compile(c, &name, &at, upstream_index)
+            .map_err(|m| problems.push(ConfigProblem::new(&at, m)))
+            .ok()
+            .map(Arc::new)
+    });
     if !problems.is_empty() {
         return Err(problems);
     }
     Ok(Route {
+        ai_fast,
         ip_restriction,
         timeouts: rc
             .timeouts

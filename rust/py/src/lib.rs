@@ -180,6 +180,65 @@ fn budget_used(key: &str, window: i64) -> i64 {
     ferrogate_engine::counters::budget_used(key, window)
 }
 
+/// A usage row of the AI pass-through, as `ferrogate/ai/usage.py` reads it.
+type UsageTuple<'py> = (
+    (f64, String, String, String, String, String, String, String),
+    (u64, u64, i64, f64, u16),
+    Option<Bound<'py, PyAny>>,
+);
+
+/// The AI pass-through's usage rows queued since the last call (`ai_fast.rs`), and how many
+/// were dropped because nobody took them: ((time, request_id, route, consumer, model,
+/// deployment, provider, provider_model), (prompt_tokens, completion_tokens, cost
+/// (micro-USD), latency_ms, status), estimate). `estimate` is None, or for an answer without usage
+/// (request body, answer, [(tpm key, rate, burst, tokens charged)], [(budget key, window)],
+/// micro-USD reserved, price in, price out, record wanted).
+#[pyfunction]
+fn ai_usage_take(py: Python<'_>) -> PyResult<(Vec<UsageTuple<'_>>, u64)> {
+    let (rows, dropped) = ferrogate_engine::ai_fast::take_usage();
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let estimate = match r.estimate {
+            None => None,
+            Some(e) => Some(
+                (
+                    pyo3::types::PyBytes::new(py, &e.request),
+                    pyo3::types::PyBytes::new(py, &e.answer),
+                    e.limits,
+                    e.budgets,
+                    e.reserved,
+                    e.price_in,
+                    e.price_out,
+                    e.record,
+                )
+                    .into_pyobject(py)?
+                    .into_any(),
+            ),
+        };
+        out.push((
+            (
+                r.time,
+                r.request_id,
+                r.route.to_string(),
+                r.consumer.to_string(),
+                r.model.to_string(),
+                r.deployment.to_string(),
+                r.provider.to_string(),
+                r.provider_model.to_string(),
+            ),
+            (
+                r.prompt_tokens,
+                r.completion_tokens,
+                r.cost,
+                r.latency_ms,
+                r.status,
+            ),
+            estimate,
+        ));
+    }
+    Ok((out, dropped))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -194,5 +253,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(budget_reserve, m)?)?;
     m.add_function(wrap_pyfunction!(budget_adjust, m)?)?;
     m.add_function(wrap_pyfunction!(budget_used, m)?)?;
+    m.add_function(wrap_pyfunction!(ai_usage_take, m)?)?;
     Ok(())
 }
