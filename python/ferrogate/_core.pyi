@@ -127,7 +127,6 @@ def ai_usage_take() -> tuple[
                 int,
                 float,
                 float,
-                bool,
             ]
             | None,
         ]
@@ -139,4 +138,4 @@ def ai_usage_take() -> tuple[
     (prompt_tokens, completion_tokens, cost in micro-USD, latency_ms, status), estimate).
     ``estimate`` is None, or for an answer without usage: (request body, answer, tpm counters
     charged (key, rate, burst, tokens), budget counters (key, window), micro-USD reserved,
-    price in, price out, record wanted)."""
+    price in, price out)."""

@@ -99,7 +99,6 @@ def fast_table(
         "aliases": aliases,
         "default_max_tokens": int(settings["default_max_tokens"]),
         "body_cap": body_cap,
-        "record": True,
         "tokens": {
             "reply_priming": tokens.REPLY_PRIMING,
             "per_message": tokens.TOKENS_PER_MESSAGE,
@@ -159,7 +158,7 @@ def drain() -> int:
 def _settle(estimate: tuple[Any, ...], model: str) -> tuple[int, int, int]:
     """Count an answer that came without usage, as the plugin's log phase does, and settle
     its counters: (prompt, completion, cost in micro-USD)."""
-    request, answer, limits, budgets, reserved, price_in, price_out, _ = estimate
+    request, answer, limits, budgets, reserved, price_in, price_out = estimate
     try:
         messages = msgspec.json.decode(request).get("messages")
     except (msgspec.DecodeError, AttributeError):

@@ -42,8 +42,6 @@ pub struct AiFastConfig {
     pub default_max_tokens: u64,
     /// Largest answer read (the plugin's buffer).
     pub body_cap: u64,
-    /// Usage records wanted (`ai.usage` is set).
-    pub record: bool,
     pub tokens: EstimateConfig,
     /// OpenAI's error `type` per status; others are `api_error`.
     #[serde(default)]
@@ -412,9 +410,7 @@ impl Meter {
         let a = &self.alias.cfg;
         let cost = (prompt as f64 * a.price_in + completion as f64 * a.price_out + 0.5) as i64;
         books.settle(prompt + completion, cost);
-        if self.fast.cfg.record {
-            self.push(status.as_u16(), prompt, completion, cost, None);
-        }
+        self.push(status.as_u16(), prompt, completion, cost, None);
     }
 
     /// No usage in the answer: the usage thread counts it and settles.
@@ -430,7 +426,6 @@ impl Meter {
             reserved: books.reserved,
             price_in: self.alias.cfg.price_in,
             price_out: self.alias.cfg.price_out,
-            record: self.fast.cfg.record,
         };
         self.push(status.as_u16(), 0, 0, 0, Some(Box::new(estimate)));
     }
@@ -561,7 +556,6 @@ pub struct Estimate {
     pub reserved: u64,
     pub price_in: f64,
     pub price_out: f64,
-    pub record: bool,
 }
 
 /// One usage record for `ferrogate/ai/usage.py` (`cost` in micro-USD).

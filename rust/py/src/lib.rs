@@ -192,7 +192,7 @@ type UsageTuple<'py> = (
 /// deployment, provider, provider_model), (prompt_tokens, completion_tokens, cost
 /// (micro-USD), latency_ms, status), estimate). `estimate` is None, or for an answer without usage
 /// (request body, answer, [(tpm key, rate, burst, tokens charged)], [(budget key, window)],
-/// micro-USD reserved, price in, price out, record wanted).
+/// micro-USD reserved, price in, price out).
 #[pyfunction]
 fn ai_usage_take(py: Python<'_>) -> PyResult<(Vec<UsageTuple<'_>>, u64)> {
     let (rows, dropped) = ferrogate_engine::ai_fast::take_usage();
@@ -209,7 +209,6 @@ fn ai_usage_take(py: Python<'_>) -> PyResult<(Vec<UsageTuple<'_>>, u64)> {
                     e.reserved,
                     e.price_in,
                     e.price_out,
-                    e.record,
                 )
                     .into_pyobject(py)?
                     .into_any(),
