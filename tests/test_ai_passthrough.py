@@ -181,17 +181,20 @@ def test_an_unreachable_provider_is_an_openai_error_on_both_paths(
     assert got[0][0] == 502 and got[0][1]["error"]["type"] is None
 
 
+@pytest.mark.parametrize("path", ["data plane", "plugin"])
 def test_the_books_settle_on_real_usage_and_a_client_that_left_costs_nothing(
-    gateway: GatewayFactory, provider: OpenAIProvider
+    gateway: GatewayFactory, provider: OpenAIProvider, path: str
 ) -> None:
     # 1 USD per output token: a request with max_tokens 10 reserves 10 USD, and the
     # answer's 7 completion tokens cost 7. A day of 15 USD fits one reservation at a time.
+    extra = {"guardrails": PLUGIN_PATH} if path == "plugin" else {}
     gw = gateway(
         ai_config(
             provider,
             usage=USAGE,
             prices={"gpt-test": {"input": 0, "output": 1_000_000}},
             consumers={"team-a": {"budget": {"day": 15}}},
+            **extra,
         ),
         workers=1,
     )

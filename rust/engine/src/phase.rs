@@ -79,6 +79,30 @@ pub struct PluginRun {
     pub upstream: Option<String>,
 }
 
+impl Drop for PluginRun {
+    /// A request dropped before its response phases (the client left while the upstream
+    /// was still thinking) still reaches the log phase, so the plugins can settle what they
+    /// counted for it (an AI budget's reservation, a concurrency slot). Every other path
+    /// hands the state to the response phases, which take it.
+    fn drop(&mut self) {
+        let Some(state) = self.state.take() else {
+            return;
+        };
+        if !self.spec.log {
+            return;
+        }
+        self.host.log(crate::plugins::LogRecord {
+            chain: self.spec.chain,
+            state,
+            status: crate::observe::CLIENT_CLOSED,
+            bytes_sent: 0,
+            duration: self.started.elapsed().as_secs_f64(),
+            upstream: self.upstream.take(),
+            error: Some("the client left before the response".into()),
+        });
+    }
+}
+
 pub trait Filter: Send + Sync {
     fn name(&self) -> &'static str;
 
