@@ -178,8 +178,9 @@ def test_body_hooks_see_what_head_hooks_changed(
 
 
 def test_a_body_at_hand_goes_upstream_with_the_head(gateway: GatewayFactory) -> None:
-    # One write for the head and a body that came with the client's head (or that a
-    # plugin buffered): the upstream's first read has both.
+    # One write for the head and a body already read (a plugin buffered it, or it is the
+    # first chunk of a chunked body, read ahead to check its framing): the upstream's
+    # first read has both.
     first_reads: list[bytes] = []
     srv = socket.create_server(("127.0.0.1", 0))
 
@@ -190,15 +191,15 @@ def test_a_body_at_hand_goes_upstream_with_the_head(gateway: GatewayFactory) -> 
                 data = conn.recv(65536)
                 first_reads.append(data)
                 head, _, rest = data.partition(b"\r\n\r\n")
-                length = int(
-                    next(
-                        line.split(b":", 1)[1]
-                        for line in head.split(b"\r\n")
-                        if line.lower().startswith(b"content-length:")
-                    )
-                )
-                while len(rest) < length:
-                    rest += conn.recv(65536)
+                lines = head.lower().split(b"\r\n")
+                sized = [x for x in lines if x.startswith(b"content-length:")]
+                if sized:
+                    length = int(sized[0].split(b":", 1)[1])
+                    while len(rest) < length:
+                        rest += conn.recv(65536)
+                else:
+                    while not rest.endswith(b"0\r\n\r\n"):
+                        rest += conn.recv(65536)
                 conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
 
     t = threading.Thread(target=serve, daemon=True)
@@ -221,18 +222,18 @@ def test_a_body_at_hand_goes_upstream_with_the_head(gateway: GatewayFactory) -> 
         workers=1,
     )
     body = json.dumps({"name": "ada", "pad": "x" * 3000}).encode()
-    # The client's head and body in one segment: read together, sent on together.
     with socket.create_connection(("127.0.0.1", gw.port)) as c:
         c.sendall(
             b"POST /plain/x HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
-            + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+            + b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+            + f"{len(body):x}\r\n".encode()
             + body
+            + b"\r\n0\r\n\r\n"
         )
         answer = b""
         while chunk := c.recv(65536):
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 200")
-    # A body a plugin buffered is always at hand, however the client sent it.
     r = gw.request(
         "POST", "/buffered/x", content=body, headers={"content-type": "application/json"}
     )
@@ -242,7 +243,7 @@ def test_a_body_at_hand_goes_upstream_with_the_head(gateway: GatewayFactory) -> 
     assert len(first_reads) == 2
     for data in first_reads:
         rest = data.partition(b"\r\n\r\n")[2]
-        assert rest.startswith(b'{"name"'), data[:200]
+        assert b'{"name"' in rest, data[:300]
 
 
 class TrickleUpstream:
