@@ -1300,16 +1300,10 @@ class Host:
         skipped: "list[tuple[str, int]] | None" = None,
     ) -> tuple[Any, bytes]:
         """``response`` then ``response_body`` in one call (a buffered body and sync
-        ``on_response`` hooks): the data plane crosses once for both."""
-        resp = _wire_response(status, headers)
-        if skipped is not None:
-            resp.attempt = attempt
-            resp.skipped = skipped
-        req.response = resp
-        run_response(self.chains[chain], req, resp)
-        resp.trailers = None if trailers is None else _wire_headers(trailers)
-        out = run_body(self.chains[chain], req, resp, body)
-        return resp._decision(), out
+        ``on_response`` hooks): the data plane crosses once for both. The head's decision
+        is in the body's (``_decision`` reports every change since the wire)."""
+        self.response(chain, req, status, headers, attempt, skipped)
+        return self.response_body(chain, req, body, trailers)
 
     def response_chunk(self, chain: int, req: Request, chunk: bytes, last: bool) -> bytes:
         resp = req.response

@@ -434,6 +434,14 @@ fn bytes_of(b: &Bound<'_, PyAny>) -> HookResult<Bytes> {
     Ok(Bytes::copy_from_slice(b.as_bytes()))
 }
 
+/// A whole-body hook's result: (the response's decision, the body to send).
+fn body_result(out: &Bound<'_, PyAny>) -> HookResult<(ResponseEdits, Bytes)> {
+    let (decision, body): (Bound<'_, PyAny>, Bound<'_, PyAny>) = out
+        .extract()
+        .map_err(|_| invalid("a body result that is not a pair"))?;
+    Ok((response_edits(&decision)?, bytes_of(&body)?))
+}
+
 fn response_edits(d: &Bound<'_, PyAny>) -> HookResult<ResponseEdits> {
     if d.is_none() {
         return Ok(ResponseEdits::default());
@@ -637,10 +645,7 @@ impl PluginHost for PyHost {
                     (chain, req, PyBytes::new(py, &body), trailers),
                 )
                 .map_err(|e| plugin_error(py, &e))?;
-            let (decision, out): (Bound<'_, PyAny>, Bound<'_, PyAny>) = out
-                .extract()
-                .map_err(|_| invalid("a body result that is not a pair"))?;
-            Ok((response_edits(&decision)?, bytes_of(&out)?))
+            body_result(&out)
         })
     }
 
@@ -677,10 +682,7 @@ impl PluginHost for PyHost {
                 .bind(py)
                 .call_method1(intern!(py, "response_whole"), args)
                 .map_err(|e| plugin_error(py, &e))?;
-            let (decision, out): (Bound<'_, PyAny>, Bound<'_, PyAny>) = out
-                .extract()
-                .map_err(|_| invalid("a body result that is not a pair"))?;
-            Ok((response_edits(&decision)?, bytes_of(&out)?))
+            body_result(&out)
         })
     }
 
