@@ -13,6 +13,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{request, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
+use smallvec::SmallVec;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -623,7 +624,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Exc
     let status = StatusCode::from_u16(code).map_err(|_| ExchangeError::Protocol(format!("status {code}")))?;
     let http10 = resp.version == Some(0);
     let base = buf.as_ptr() as usize;
-    let mut spans: Vec<(HeaderName, usize, usize)> = Vec::with_capacity(resp.headers.len());
+    let mut spans: SmallVec<[(HeaderName, usize, usize); 16]> = SmallVec::with_capacity(resp.headers.len());
     let (mut length, mut chunked, mut te) = (None, false, false);
     let mut keep_alive = !http10;
     for h in resp.headers.iter() {

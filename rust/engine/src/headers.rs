@@ -2,6 +2,7 @@
 //! and request ids.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use smallvec::SmallVec;
 use std::cell::Cell;
 
 /// Headers that describe one connection, never the message: a proxy must not forward them.
@@ -27,7 +28,7 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// Remove hop-by-hop headers, including every header the Connection header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names present is cheaper than hashing ten names that are absent.
-    let mut doomed: Vec<HeaderName> = Vec::new();
+    let mut doomed: SmallVec<[HeaderName; 4]> = SmallVec::new();
     for name in headers.keys() {
         if is_hop_by_hop(name) {
             doomed.push(name.clone());
