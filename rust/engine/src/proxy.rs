@@ -116,30 +116,35 @@ pub async fn handle(
         Some((consumer, credential)) => (Some(consumer.to_string()), Some(credential.to_string())),
         None => (None, None),
     };
-    let mut ctx = RequestCtx {
-        request_id,
-        client,
-        client_ip,
-        route: None,
-        host: None,
-        scheme,
-        plugins: None,
-        consumer,
-        credential,
-        client_cert,
-        rate: None,
-        upstream_target: None,
-        upstream_time: None,
-        tries: 0,
-        bytes_in: 0,
-        trace: None,
-        cache: None,
-        captured_body: None,
-        capture_body_cap: 0,
-        websocket: None,
-        websocket_session: None,
-        fell_back: None,
-        ai_meter: None,
+    // Built where it stays (the future's state), not built and then moved there.
+    let mut pending = Unanswered {
+        ctx: RequestCtx {
+            request_id,
+            client,
+            client_ip,
+            route: None,
+            host: None,
+            scheme,
+            plugins: None,
+            consumer,
+            credential,
+            client_cert,
+            rate: None,
+            upstream_target: None,
+            upstream_time: None,
+            tries: 0,
+            bytes_in: 0,
+            trace: None,
+            cache: None,
+            captured_body: None,
+            capture_body_cap: 0,
+            websocket: None,
+            websocket_session: None,
+            fell_back: None,
+            ai_meter: None,
+        },
+        observer: observer.clone(),
+        record: None,
     };
     let (mut head, body) = req.into_parts();
     // A gRPC call gets gRPC answers, errors included; a gRPC-Web one goes upstream as gRPC.
@@ -153,13 +158,8 @@ pub async fn handle(
     // gRPC compresses its own messages (`grpc-encoding`).
     let compress_side = (!engine.compression.is_empty() && grpc.is_none())
         .then(|| crate::compress::RequestSide::of(&head.method, &head.headers));
-    let record = observer.start(&head, &mut ctx, &engine.trusted_proxies);
     // Until the record is filled below, a dropped future (the client left) still logs it.
-    let mut pending = Unanswered {
-        ctx,
-        observer: observer.clone(),
-        record,
-    };
+    pending.record = observer.start(&head, &mut pending.ctx, &engine.trusted_proxies);
     let ctx = &mut pending.ctx;
     let req = Request::from_parts(head, body);
     let mut error = None;
