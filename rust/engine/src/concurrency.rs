@@ -3,6 +3,11 @@
 //! limit grows by about one per round trip; when it rises past `tolerance` x that baseline,
 //! the limit is cut by a tenth (at most once per baseline latency). Requests over the limit
 //! are shed at once with 503, never queued: a slow upstream gets less work, not a queue.
+//!
+//! "The latency" is a moving average of the answers' latencies, not each answer's own: one
+//! answer in the tail (a pause, jitter on a busy machine) is not congestion, and cutting a
+//! tenth for each would hold the limit at a level set by the tail's share, not by the
+//! upstream's load.
 
 use crate::config::AdaptiveConfig;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -18,7 +23,13 @@ struct State {
     next_baseline: Option<Duration>,
     period_started: Instant,
     last_cut: Option<Instant>,
+    /// Moving average of the latency (seconds), the signal compared with the baseline.
+    recent: Option<f64>,
 }
+
+/// Weight of a new answer in the moving average: a sustained rise shows within a few
+/// answers, a lone slow one moves the average by a fifth of its excess.
+const RECENT_WEIGHT: f64 = 0.2;
 
 #[derive(Debug)]
 pub struct AdaptiveLimit {
@@ -71,6 +82,7 @@ impl AdaptiveLimit {
                 next_baseline: None,
                 period_started: Instant::now(),
                 last_cut: None,
+                recent: None,
             }),
         })
     }
@@ -106,7 +118,10 @@ impl AdaptiveLimit {
             }
         }
         let baseline = s.baseline.unwrap_or(latency);
-        let slow = failed || latency.as_secs_f64() > baseline.as_secs_f64() * self.tolerance;
+        let seconds = latency.as_secs_f64();
+        let recent = s.recent.map_or(seconds, |r| r + RECENT_WEIGHT * (seconds - r));
+        s.recent = Some(recent);
+        let slow = failed || recent > baseline.as_secs_f64() * self.tolerance;
         if slow {
             // One cut per baseline round trip: a burst of slow answers is one signal.
             let gap = baseline.max(Duration::from_millis(1));
@@ -164,5 +179,27 @@ mod tests {
             l.observe(fast, false, now);
         }
         assert!(l.limit() > shrunk);
+    }
+
+    #[test]
+    fn a_lone_slow_answer_is_not_congestion() {
+        let l = limiter(10);
+        let mut now = Instant::now();
+        let fast = Duration::from_millis(2);
+        for _ in 0..20 {
+            now += Duration::from_millis(5);
+            l.observe(fast, false, now);
+        }
+        let before = l.limit();
+        // One answer at 3x the baseline (past the tolerance of 2) in a run of fast ones.
+        now += Duration::from_millis(5);
+        l.observe(Duration::from_millis(6), false, now);
+        assert!(l.limit() >= before, "{before} -> {}", l.limit());
+        // The same latency sustained is a rise: the limit comes down.
+        for _ in 0..10 {
+            now += Duration::from_millis(5);
+            l.observe(Duration::from_millis(6), false, now);
+        }
+        assert!(l.limit() < before, "{before} -> {}", l.limit());
     }
 }
