@@ -55,7 +55,11 @@ class Route(Plugin):
     def on_log(self, req: Request, resp: Response, info: LogInfo) -> None:
         if self.config.log:
             with open(self.config.log, "a") as f:
-                line = {"attempt": resp.attempt, "skipped": [list(s) for s in resp.skipped]}
+                line = {
+                    "path": req.path,
+                    "attempt": resp.attempt,
+                    "skipped": [list(s) for s in resp.skipped],
+                }
                 f.write(json.dumps(line) + "\n")
 
 
