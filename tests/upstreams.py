@@ -201,9 +201,12 @@ class _Handler(BaseHTTPRequestHandler):
             size = len(body)
             ctype = "application/json"
 
+        # 204 and 304 have no body (RFC 9110 15.3.5, 15.4.5), nor has a 204 a length.
+        bodyless = status in (204, 304)
         self.send_response(status)
         self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(size))
+        if status != 204:
+            self.send_header("Content-Length", str(size))
         self.send_header("X-Upstream", up.name)
         if rec.header("X-Up-Hop"):
             self.send_header("Connection", "X-Custom-Hop, Upgrade")
@@ -213,6 +216,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("X-Custom-Hop", "secret")
             self.send_header("X-End-To-End", "kept")
         self.end_headers()
+        if bodyless:
+            return
         cut, stall = rec.header("X-Up-Cut"), rec.header("X-Up-Stall")
         if cut is not None or stall is not None:
             self._send_part(body or pattern_bytes(size), int(cut or stall or 0), stall is not None)
