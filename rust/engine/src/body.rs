@@ -5,11 +5,55 @@ use crate::h1client::UpstreamBody;
 use crate::plugins::{LogRecord, PluginHost, PluginState};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Instant;
+
+/// A client's request body as the connection's server read it: hyper's (HTTP/2, and the
+/// HTTP/1.1 requests `h1server.rs` hands over), or `h1server.rs`'s own (none, or
+/// Content-Length bytes).
+#[derive(Debug)]
+pub enum InboundBody {
+    Hyper(hyper::body::Incoming),
+    Empty,
+    Sized(crate::h1server::SizedBody),
+}
+
+/// A body read error, whichever server read it.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Body for InboundBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            InboundBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            InboundBody::Empty => Poll::Ready(None),
+            InboundBody::Sized(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            InboundBody::Hyper(b) => b.is_end_stream(),
+            InboundBody::Empty => true,
+            InboundBody::Sized(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            InboundBody::Hyper(b) => b.size_hint(),
+            InboundBody::Empty => SizeHint::with_exact(0),
+            InboundBody::Sized(b) => b.size_hint(),
+        }
+    }
+}
 
 /// Why a request body could not be forwarded.
 #[derive(Debug)]
@@ -17,7 +61,7 @@ pub enum BodyError {
     /// More bytes than `limits.max_body_bytes`.
     TooLarge,
     /// The client's framing was invalid (bad chunk size, early close).
-    Malformed(hyper::Error),
+    Malformed(BoxError),
 }
 
 impl std::fmt::Display for BodyError {
@@ -37,7 +81,7 @@ impl std::error::Error for BodyError {}
 /// retry can send the body again: [`RequestBody::rewind`].
 pub struct RequestBody {
     /// None once the whole body is in `first` (buffered for plugins).
-    inner: Option<Incoming>,
+    inner: Option<InboundBody>,
     first: Option<Frame<Bytes>>,
     seen: u64,
     limit: u64,
@@ -69,7 +113,7 @@ enum Keep {
 
 impl RequestBody {
     /// `first` is a frame already read (to validate framing before forwarding).
-    pub fn new(inner: Incoming, first: Option<Frame<Bytes>>, limit: u64) -> Self {
+    pub fn new(inner: InboundBody, first: Option<Frame<Bytes>>, limit: u64) -> Self {
         let seen = first
             .as_ref()
             .and_then(|f| f.data_ref())

@@ -25,6 +25,7 @@ pub mod framing;
 pub mod grpc;
 pub mod grpc_web;
 pub mod h1client;
+pub mod h1server;
 pub mod h2client;
 pub mod head_limits;
 pub mod headers;

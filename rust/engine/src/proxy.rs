@@ -1,7 +1,7 @@
 //! The request path. One function per phase, called in order by [`handle`]; see
 //! `phase.rs` for the phase names and docs/architecture.md for the picture.
 
-use crate::body::{collect_capped, collect_with_trailers, BodyTap, RequestBody, ResponseBody};
+use crate::body::{collect_capped, collect_with_trailers, BodyTap, InboundBody, RequestBody, ResponseBody};
 use crate::config::HashSource;
 use crate::dispatch::{dispatch, Dispatched};
 use crate::engine::Engine;
@@ -23,7 +23,7 @@ use http::uri::PathAndQuery;
 use http::{header, request, response, HeaderMap, HeaderValue, Request, Response, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -96,7 +96,7 @@ impl Worker {
 /// request id.
 pub async fn handle(
     worker: &Worker,
-    req: Request<Incoming>,
+    req: Request<InboundBody>,
     client: SocketAddr,
     client_ip: HeaderValue,
     ambiguity: Option<Ambiguity>,
@@ -299,7 +299,7 @@ async fn forward(
     engine: &Arc<Engine>,
     tables: &Worker,
     ctx: &mut RequestCtx,
-    req: Request<Incoming>,
+    req: Request<InboundBody>,
     ambiguity: Option<Ambiguity>,
 ) -> Result<Response<ProxyBody>, GatewayError> {
     if let Some(a) = ambiguity {
@@ -915,7 +915,7 @@ async fn mirrorable_body(
 /// The client's body as the upstream request will carry it.
 enum ClientBody {
     /// Streamed, with the first frame when it was read ahead.
-    Stream(Incoming, Option<Frame<Bytes>>),
+    Stream(InboundBody, Option<Frame<Bytes>>),
     /// Read whole (for plugins that asked for it), or replaced by one.
     Whole(Bytes),
 }
@@ -1154,7 +1154,7 @@ fn version_str(v: Version) -> &'static str {
 }
 
 /// Read the whole client body for plugins that asked for it; over `cap` is a 413.
-async fn read_whole_body(body: Incoming, cap: u64, upstream: &Upstream) -> Result<Bytes, GatewayError> {
+async fn read_whole_body(body: InboundBody, cap: u64, upstream: &Upstream) -> Result<Bytes, GatewayError> {
     match tokio::time::timeout(upstream.read_timeout, collect_capped(body, cap)).await {
         Err(_) => Err(GatewayError::new(
             ErrorKind::RequestTimeout,
@@ -1196,9 +1196,9 @@ fn check_framing(headers: &HeaderMap) -> Result<(), GatewayError> {
 /// malformed chunk size is refused here instead of reaching the upstream half-forwarded.
 async fn read_first_chunk(
     headers: &HeaderMap,
-    mut body: Incoming,
+    mut body: InboundBody,
     upstream: &Upstream,
-) -> Result<(Incoming, Option<Frame<Bytes>>), GatewayError> {
+) -> Result<(InboundBody, Option<Frame<Bytes>>), GatewayError> {
     if !headers.contains_key(header::TRANSFER_ENCODING) {
         return Ok((body, None));
     }

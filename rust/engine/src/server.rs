@@ -2,11 +2,13 @@
 //! h2c (prior knowledge) on each connection, or HTTPS (HTTP/1.1 or HTTP/2 by ALPN) on the
 //! TLS ones, reloads on SIGHUP and drains on SIGTERM.
 
+use crate::body::InboundBody;
 use crate::config::GatewayConfig;
 use crate::conn_limit::Admission;
 use crate::engine::Engine;
 use crate::filters::client_ip_value;
 use crate::framing::{FramingGuard, FramingRecord};
+use crate::h1server::{self, Outcome, Rewind};
 use crate::plugins::HostLoader;
 use crate::proxy::{self, Worker};
 use crate::ratelimit::SharedTable;
@@ -131,8 +133,12 @@ struct Protocols {
     /// For the rare connection whose first bytes do not tell (see `serve_connection`).
     auto: auto::Builder<TokioExecutor>,
     max_head: usize,
+    max_headers: usize,
     /// A TLS client gets this long to finish its handshake.
     handshake_timeout: std::time::Duration,
+    /// The longest wait for a kept-alive connection's next request (hyper's header-read
+    /// timeout on the connections it serves).
+    client_idle: std::time::Duration,
 }
 
 impl Protocols {
@@ -164,7 +170,9 @@ impl Protocols {
             h2,
             auto,
             max_head,
+            max_headers: engine.limits.max_headers,
             handshake_timeout: engine.client_idle,
+            client_idle: engine.client_idle,
         }
     }
 }
@@ -408,15 +416,43 @@ async fn serve_connection(
         Ok(n) => n,
     };
     let client_ip = client_ip_value(&peer);
+    let h1 = !b"PRI".starts_with(&probe[..n]);
+    // HTTP/1.1 (the first bytes cannot start the HTTP/2 preface): `h1server.rs` serves the
+    // connection until a request needs hyper.
+    let (stream, opened) = if h1 {
+        let settings = h1server::Settings {
+            max_head: protocols.max_head,
+            max_headers: protocols.max_headers,
+            idle: protocols.client_idle,
+            header: header_timeout,
+            body: body_timeout,
+        };
+        let served = h1server::serve(
+            stream,
+            &worker,
+            peer,
+            &client_ip,
+            &settings,
+            opened,
+            &mut stopping,
+        );
+        match served.await {
+            Outcome::Closed => return,
+            Outcome::HandOver(stream, rest) => (Rewind::new(stream, rest), tokio::time::Instant::now()),
+        }
+    } else {
+        (Rewind::new(stream, bytes::Bytes::new()), opened)
+    };
     let record = FramingRecord::new();
     let svc = {
         let record = record.clone();
-        service_fn(move |req| {
+        service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
             let worker = worker.clone();
             let client_ip = client_ip.clone();
             let ambiguity = record.next_request();
             let switching = switch_watch(&req, &record);
             async move {
+                let req = req.map(InboundBody::Hyper);
                 let resp = proxy::handle(&worker, req, peer, client_ip, ambiguity).await;
                 switched(switching, &resp);
                 Ok::<_, Infallible>(resp)
@@ -436,17 +472,17 @@ async fn serve_connection(
             body_timeout,
         ),
     );
-    if b"PRI".starts_with(&probe[..n]) {
-        // Too few bytes yet to tell "PRI" from "POST" or "PUT": let hyper-util decide.
-        let conn = protocols.auto.serve_connection_with_upgrades(io, svc);
-        let _ = watcher.watch(conn).await;
-    } else {
+    if h1 {
         serve_h1(
             protocols.h1.serve_connection(io, svc).with_upgrades(),
             watcher,
             stopping,
         )
         .await;
+    } else {
+        // Too few bytes yet to tell "PRI" from "POST" or "PUT": let hyper-util decide.
+        let conn = protocols.auto.serve_connection_with_upgrades(io, svc);
+        let _ = watcher.watch(conn).await;
     }
 }
 
@@ -542,6 +578,7 @@ async fn serve_tls_connection(
             let ambiguity = record.next_request();
             let switching = switch_watch(&req, &record);
             async move {
+                let req = req.map(InboundBody::Hyper);
                 let resp = proxy::handle(&worker, req, peer, client_ip, ambiguity).await;
                 switched(switching, &resp);
                 Ok::<_, Infallible>(resp)

@@ -21,13 +21,14 @@
 //! evaluated by one thread at a time: libmodsecurity shares a `RulesSet` read-only between
 //! transactions, but does not document concurrent evaluation as safe.
 
+use crate::body::InboundBody;
 use crate::config::ConfigProblem;
 use crate::error::{ErrorKind, GatewayError};
 use crate::phase::RequestCtx;
 use bytes::Bytes;
 use http::request;
 use http_body_util::BodyExt;
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
@@ -774,7 +775,7 @@ pub fn begin(
 /// gateway's body limit; 0: none) is a 413.
 pub async fn read_prefix(
     first: Option<Frame<Bytes>>,
-    body: &mut Incoming,
+    body: &mut InboundBody,
     limit: u64,
     max_body: u64,
     timeout: Duration,

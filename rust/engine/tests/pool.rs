@@ -82,6 +82,7 @@ async fn request_with_body(addr: &str, body: Bytes) -> http::Request<RequestBody
     let incoming = rx.await.unwrap();
     let (mut parts, body) = incoming.into_parts();
     parts.uri = format!("http://{addr}/").parse().unwrap();
+    let body = ferrogate_engine::body::InboundBody::Hyper(body);
     http::Request::from_parts(parts, RequestBody::new(body, None, 0))
 }
 
