@@ -177,7 +177,7 @@ pub async fn serve(
             };
             while buf.len() <= settings.max_head {
                 room(&mut buf);
-                match poll_read_buf(rd, &mut buf, cx) {
+                match poll_read_buf(rd, &mut buf, usize::MAX, cx) {
                     Poll::Pending => break,
                     Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(None),
                     Poll::Ready(Ok(_)) => {}
@@ -226,13 +226,16 @@ fn take_back_whole(back: &Arc<Mutex<Option<Lent>>>) -> Option<OwnedReadHalf> {
     }
 }
 
-/// Read what the socket has into `buf`'s free room.
+/// Read what the socket has, at most `limit` bytes, into `buf`'s free room.
 fn poll_read_buf(
     rd: &mut OwnedReadHalf,
     buf: &mut BytesMut,
+    limit: usize,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {
-    let mut rb = ReadBuf::uninit(buf.spare_capacity_mut());
+    let spare = buf.spare_capacity_mut();
+    let room = spare.len().min(limit);
+    let mut rb = ReadBuf::uninit(&mut spare[..room]);
     if let Err(e) = std::task::ready!(Pin::new(rd).poll_read(cx, &mut rb)) {
         return Poll::Ready(Err(e));
     }
@@ -370,9 +373,7 @@ impl Body for SizedBody {
         // Reuses the allocation once the previous frames are gone.
         let want = (this.left as usize).min(this.size);
         this.buf.reserve(want);
-        let spare = &mut this.buf.spare_capacity_mut()[..want];
-        let mut rb = ReadBuf::uninit(spare);
-        match Pin::new(rd).poll_read(cx, &mut rb) {
+        match poll_read_buf(rd, &mut this.buf, want, cx) {
             Poll::Pending => {
                 if this.stalled(cx) {
                     this.from = None; // the connection closes after the response
@@ -388,16 +389,13 @@ impl Body for SizedBody {
                 this.from = None;
                 Poll::Ready(Some(Err(e)))
             }
-            Poll::Ready(Ok(())) => {
-                let n = rb.filled().len();
-                if n == 0 {
-                    this.from = None;
-                    return Poll::Ready(Some(Err(body_error(
-                        "the client closed the connection before the end of its body",
-                    ))));
-                }
-                // SAFETY: poll_read initialized the first n bytes of the spare capacity.
-                unsafe { this.buf.set_len(this.buf.len() + n) };
+            Poll::Ready(Ok(0)) => {
+                this.from = None;
+                Poll::Ready(Some(Err(body_error(
+                    "the client closed the connection before the end of its body",
+                ))))
+            }
+            Poll::Ready(Ok(n)) => {
                 this.waiting = false;
                 this.left -= n as u64;
                 if n == want && this.size < BODY_READ {
