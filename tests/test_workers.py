@@ -7,9 +7,11 @@ import signal
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 
+from ferrogate.master import worker_environment
 from gateway import Gateway, GatewayFactory, is_alive
 from upstreams import Upstream
 
@@ -130,3 +132,42 @@ def test_sigterm_does_not_wait_for_connections_that_never_sent_a_request(
         assert time.monotonic() - t0 < 10, "shutdown waited on a silent connection"
     finally:
         silent.close()
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def test_worker_environment_adds_the_allocator_tuning_unless_the_operator_set_it() -> None:
+    assert worker_environment({"HOME": "/h"}) == {
+        "HOME": "/h",
+        "GLIBC_TUNABLES": "glibc.malloc.tcache_count=256",
+    }
+    merged = worker_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert merged["GLIBC_TUNABLES"] == "glibc.malloc.tcache_count=256:glibc.malloc.arena_max=2"
+    own = worker_environment({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=16"})
+    assert own["GLIBC_TUNABLES"] == "glibc.malloc.tcache_count=16"
+
+
+def test_workers_start_with_the_allocator_tuning(
+    gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    plain = start(gateway, upstream)
+    assert plain.get("/x").status_code == 200
+    for pid in plain.worker_pids():
+        assert _environ(pid)["GLIBC_TUNABLES"] == "glibc.malloc.tcache_count=256"
+    # The operator's own cache size wins. (glibc cuts the variable at its first ':' in
+    # the process's original environment once it has read it, so only single settings
+    # can be checked from outside.)
+    own = gateway(
+        {
+            "upstreams": {"backend": {"targets": [upstream.address]}},
+            "routes": [{"name": "all", "paths": ["/*"], "upstream": "backend"}],
+        },
+        workers=1,
+        env={"GLIBC_TUNABLES": "glibc.malloc.tcache_count=16"},
+    )
+    assert own.get("/x").status_code == 200
+    (pid,) = own.worker_pids()
+    assert _environ(pid)["GLIBC_TUNABLES"] == "glibc.malloc.tcache_count=16"

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,24 @@ class _Slot:
     failures: int = 0
     start_at: float = 0.0  # when to (re)start it if proc is None
     extra: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] | None = None  # None: the master's own environment
+
+
+# glibc keeps at most 7 freed chunks per size in its per-thread cache by default. A worker
+# finishing a burst of requests frees more than that of the same sizes, so the rest took
+# the allocator's slow path and the next burst's allocations too (callgrind at 256
+# connections: about 430 instructions per request, 2%). Other C libraries ignore this.
+_WORKER_TUNABLES = "glibc.malloc.tcache_count=256"
+
+
+def worker_environment(base: Mapping[str, str]) -> dict[str, str]:
+    """The environment a worker starts with: the master's, plus the allocator tuning
+    unless the operator set that tunable."""
+    env = dict(base)
+    tunables = env.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.tcache_count=" not in tunables:
+        env["GLIBC_TUNABLES"] = f"{_WORKER_TUNABLES}:{tunables}" if tunables else _WORKER_TUNABLES
+    return env
 
 
 def _exit_description(returncode: int) -> dict[str, object]:
@@ -354,7 +373,13 @@ class Master:
             ",".join(str(sock.fileno()) for sock in self.listeners),
             *limits,
         ]
-        return _Slot(f"worker-{worker_id}", argv, fds, extra={"worker_id": worker_id})
+        return _Slot(
+            f"worker-{worker_id}",
+            argv,
+            fds,
+            extra={"worker_id": worker_id},
+            env=worker_environment(os.environ),
+        )
 
     def _start_children(self, loaded: LoadedConfig) -> None:
         if self.echo_socket is not None:
@@ -379,7 +404,9 @@ class Master:
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGUSR1})
         try:
             # Same process group on purpose: Ctrl-C and resource accounting cover everyone.
-            slot.proc = subprocess.Popen(slot.argv, pass_fds=slot.fds, stdin=subprocess.DEVNULL)
+            slot.proc = subprocess.Popen(
+                slot.argv, pass_fds=slot.fds, stdin=subprocess.DEVNULL, env=slot.env
+            )
         except OSError as e:
             slot.proc = None
             slot.failures += 1

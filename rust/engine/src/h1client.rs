@@ -9,7 +9,7 @@
 
 use crate::body::{BodyError, RequestBody};
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{request, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -659,7 +659,8 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Exc
         spans.push((name, start, start + h.value.len()));
     }
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    // With room for the request id and Via that the gateway adds.
+    let mut headers = crate::headers::header_map(spans.len() + 2);
     for (name, start, end) in spans {
         // Zero-copy: values are slices of the head; the buffer is reused once they drop.
         let value = HeaderValue::from_maybe_shared(head.slice(start..end))

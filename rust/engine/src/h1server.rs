@@ -18,7 +18,7 @@
 use crate::body::InboundBody;
 use crate::proxy::{self, ProxyBody, Worker};
 use bytes::{Bytes, BytesMut};
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::{header, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use smallvec::SmallVec;
 use std::cell::RefCell;
@@ -561,7 +561,7 @@ fn parse(buf: &mut BytesMut, settings: &Settings) -> Result<(Request<InboundBody
     };
     // Room for what the gateway adds on the way upstream (X-Forwarded-*, Via, the request
     // id, trace context): growing the map rehashes every field, which profiling showed.
-    let mut headers = HeaderMap::with_capacity(fields.len() + ADDED_HEADERS);
+    let mut headers = crate::headers::header_map(fields.len() + ADDED_HEADERS);
     for (name, start, end) in fields {
         // httparse accepted the value: visible ASCII, spaces, tabs and obs-text only.
         let Ok(value) = HeaderValue::from_maybe_shared(head.slice(start..end)) else {
@@ -647,6 +647,7 @@ async fn respond(
         field(out, b"connection", b"close");
     }
     out.extend_from_slice(b"\r\n");
+    crate::headers::recycle(parts.headers);
     if head_only || framing == Framing::None {
         stream.write_all(out).await?;
         return Ok(!close);

@@ -637,6 +637,8 @@ async fn forward(
         Dispatched::Upstream(resp, guard) => (resp, guard),
         Dispatched::Respond(resp) => return Ok(resp),
     };
+    // The request's head has gone upstream for the last time.
+    crate::headers::recycle(std::mem::take(&mut parts.headers));
 
     // phase: response_headers
     let (mut rparts, rbody) = resp.into_parts();
