@@ -76,6 +76,11 @@ pub struct Conn {
     buf: BytesMut,
     out: Vec<u8>,
     read_size: usize,
+    /// The timer for the response head's deadline, kept armed between requests: each
+    /// request's deadline is later than the last one's, so the timer is moved only when it
+    /// fires early (or a shorter read timeout needs it sooner). Registering a fresh timer
+    /// for every request cost about 350 instructions (callgrind).
+    head_timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// Why an exchange failed, and whether the request could have reached the upstream.
@@ -122,6 +127,7 @@ impl Conn {
             buf: BytesMut::with_capacity(READ_MIN),
             out: Vec::with_capacity(1024),
             read_size: READ_MIN,
+            head_timer: None,
         }
     }
 
@@ -179,13 +185,26 @@ impl Conn {
                 (sent, false)
             }
         };
-        let head = self.read_head(&parts.method, sent_body);
         let (resp, mut framing) = match deadline {
-            None => head.await?,
-            Some((d, read)) => match tokio::time::timeout_at(d, head).await {
-                Ok(r) => r?,
-                Err(_) => return Err(timed_out(read, sent_body)),
-            },
+            None => self.read_head(&parts.method, sent_body).await?,
+            Some((d, read)) => {
+                let mut timer = self.head_timer.take();
+                let answer = {
+                    let mut head = std::pin::pin!(self.read_head(&parts.method, sent_body));
+                    std::future::poll_fn(|cx| {
+                        if let Poll::Ready(r) = head.as_mut().poll(cx) {
+                            return Poll::Ready(Some(r));
+                        }
+                        match head_deadline(&mut timer, d, cx) {
+                            Poll::Ready(()) => Poll::Ready(None),
+                            Poll::Pending => Poll::Pending,
+                        }
+                    })
+                    .await
+                };
+                self.head_timer = timer;
+                answer.ok_or_else(|| timed_out(read, sent_body))??
+            }
         };
         if answered_early {
             // The upstream did not read the whole request: the connection's state is unknown.
@@ -264,6 +283,26 @@ impl Conn {
             }
         }
     }
+}
+
+/// Ready once `deadline` has passed; otherwise the connection's `timer` will wake the task
+/// by then (it may wake it earlier, when it was armed for an earlier request).
+fn head_deadline(
+    timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    deadline: tokio::time::Instant,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+    if timer.deadline() > deadline {
+        timer.as_mut().reset(deadline);
+    }
+    while timer.as_mut().poll(cx).is_ready() {
+        if tokio::time::Instant::now() >= deadline {
+            return Poll::Ready(());
+        }
+        timer.as_mut().reset(deadline);
+    }
+    Poll::Pending
 }
 
 fn timed_out(read: Duration, sent_body: bool) -> ExchangeError {
@@ -624,7 +663,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Exc
     let status = StatusCode::from_u16(code).map_err(|_| ExchangeError::Protocol(format!("status {code}")))?;
     let http10 = resp.version == Some(0);
     let base = buf.as_ptr() as usize;
-    let mut spans: SmallVec<[(HeaderName, usize, usize); 16]> = SmallVec::with_capacity(resp.headers.len());
+    let mut spans: SmallVec<[(HeaderName, usize, usize); 16]> = SmallVec::new();
     let (mut length, mut chunked, mut te) = (None, false, false);
     let mut keep_alive = !http10;
     for h in resp.headers.iter() {
@@ -646,13 +685,22 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Exc
             let v = h.value.trim_ascii_end();
             chunked = v.len() >= 7 && v[v.len() - 7..].eq_ignore_ascii_case(b"chunked");
         } else if name == header::CONNECTION {
+            let mut options_only = true;
             for token in h.value.split(|&b| b == b',') {
                 let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
                     keep_alive = false;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") && http10 {
-                    keep_alive = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    keep_alive |= http10;
+                } else if !token.is_empty() {
+                    options_only = false;
                 }
+            }
+            // Hop-by-hop, and read here: a field that names no other field never reaches
+            // the map (one insert and one removal less per response). One that names some
+            // stays, so that those are removed with it (`headers::strip_hop_by_hop`).
+            if options_only {
+                continue;
             }
         }
         let start = h.value.as_ptr() as usize - base;
@@ -661,7 +709,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Exc
     let head = buf.split_to(len).freeze();
     // With room for the request id and Via that the gateway adds.
     let mut headers = crate::headers::header_map(spans.len() + 2);
-    for (name, start, end) in spans {
+    for (name, start, end) in spans.drain(..) {
         // Zero-copy: values are slices of the head; the buffer is reused once they drop.
         let value = HeaderValue::from_maybe_shared(head.slice(start..end))
             .map_err(|_| ExchangeError::Protocol("bad header value".into()))?;
@@ -1099,5 +1147,58 @@ mod tests {
         assert_eq!(itoa(0, &mut [0; 20]), b"0");
         assert_eq!(itoa(16384, &mut [0; 20]), b"16384");
         assert_eq!(itoa(u64::MAX, &mut [0; 20]), b"18446744073709551615");
+    }
+
+    #[test]
+    fn a_connection_field_of_options_only_is_left_out_of_the_head() {
+        let final_head = |raw: &[u8]| match head(raw, Method::GET) {
+            Ok(Some(Parsed::Final(resp, framing))) => (resp, framing),
+            _ => panic!("no final head"),
+        };
+        let (resp, framing) =
+            final_head(b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n");
+        assert!(!resp.headers().contains_key(header::CONNECTION));
+        assert!(framing.keep_alive);
+        let (resp, framing) =
+            final_head(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+        assert!(!resp.headers().contains_key(header::CONNECTION));
+        assert!(!framing.keep_alive);
+        // One that names other fields stays, so that they are removed with it.
+        let (resp, framing) = final_head(
+            b"HTTP/1.1 200 OK\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\nContent-Length: 0\r\n\r\n",
+        );
+        assert_eq!(resp.headers()[header::CONNECTION], "close, X-Hop");
+        assert!(!framing.keep_alive);
+        let (_, framing) =
+            final_head(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n");
+        assert!(framing.keep_alive);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_head_timer_fires_only_at_the_current_deadline() {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let start = tokio::time::Instant::now();
+        let first = start + Duration::from_secs(10);
+        let mut timer = None;
+        assert!(head_deadline(&mut timer, first, &mut cx).is_pending());
+        // A later request on the same connection: its deadline is later than the armed one.
+        tokio::time::advance(Duration::from_secs(4)).await;
+        let second = tokio::time::Instant::now() + Duration::from_secs(10);
+        assert!(head_deadline(&mut timer, second, &mut cx).is_pending());
+        assert_eq!(timer.as_ref().map(|t| t.deadline()), Some(first));
+        // The armed timer fires at the first deadline: too early, so it moves.
+        tokio::time::advance(Duration::from_secs(7)).await;
+        assert!(head_deadline(&mut timer, second, &mut cx).is_pending());
+        assert_eq!(timer.as_ref().map(|t| t.deadline()), Some(second));
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert!(head_deadline(&mut timer, second, &mut cx).is_ready());
+        // A shorter deadline than the armed one moves the timer sooner.
+        let soon = tokio::time::Instant::now() + Duration::from_secs(1);
+        let mut timer = Some(Box::pin(tokio::time::sleep(Duration::from_secs(30))));
+        assert!(head_deadline(&mut timer, soon, &mut cx).is_pending());
+        assert_eq!(timer.as_ref().map(|t| t.deadline()), Some(soon));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(head_deadline(&mut timer, soon, &mut cx).is_ready());
     }
 }

@@ -90,6 +90,12 @@ pub async fn serve(
     let mut out = Vec::new();
     let mut clock = Deadlines::new(settings, opened);
     let mut first = true;
+    // One wait for the drain per connection, not one per request: each is a waiter entry
+    // in the channel's list (about 290 instructions to add and remove, callgrind).
+    let mut drain = stopping.clone();
+    let mut drained = std::pin::pin!(async move {
+        let _ = drain.changed().await;
+    });
     loop {
         let Some(rd) = reader.as_mut() else {
             return Outcome::Closed;
@@ -136,7 +142,7 @@ pub async fn serve(
                         return Outcome::Closed;
                     }
                 }
-                _ = stopping.changed(), if idle => return Outcome::Closed,
+                () = drained.as_mut(), if idle => return Outcome::Closed,
             }
         };
         first = false;
@@ -562,7 +568,7 @@ fn parse(buf: &mut BytesMut, settings: &Settings) -> Result<(Request<InboundBody
     // Room for what the gateway adds on the way upstream (X-Forwarded-*, Via, the request
     // id, trace context): growing the map rehashes every field, which profiling showed.
     let mut headers = crate::headers::header_map(fields.len() + ADDED_HEADERS);
-    for (name, start, end) in fields {
+    for (name, start, end) in fields.drain(..) {
         // httparse accepted the value: visible ASCII, spaces, tabs and obs-text only.
         let Ok(value) = HeaderValue::from_maybe_shared(head.slice(start..end)) else {
             return Err(Unserved::ForeignAfter(head));
