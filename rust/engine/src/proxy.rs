@@ -24,6 +24,7 @@ use http::{header, request, response, HeaderMap, HeaderValue, Request, Response,
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Frame;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -94,158 +95,166 @@ impl Worker {
 
 /// Serve one request: every response, the gateway's own errors included, carries the
 /// request id.
-pub async fn handle(
+///
+/// Not an `async fn`: an `async fn` copies each argument into its state a second time
+/// before the body runs (the request is 352 bytes); an `async move` block uses them
+/// where they are. With 256 connections every byte of these futures is a cache line
+/// that other requests evict (callgrind's last-level misses).
+#[allow(clippy::manual_async_fn)]
+pub fn handle(
     worker: &Worker,
     req: Request<InboundBody>,
     client: SocketAddr,
     client_ip: HeaderValue,
     ambiguity: Option<Ambiguity>,
-) -> Response<ProxyBody> {
-    let engine = worker.engine.load_full();
-    let observer = worker.observer.load_full();
-    let request_id = match req.headers().get(&X_REQUEST_ID) {
-        Some(v) if !v.is_empty() => v.clone(),
-        _ => new_request_id(),
-    };
-    let tls = req.extensions().get::<crate::tls::TlsConn>();
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let client_cert = tls.and_then(|t| t.client.clone());
-    // A certificate that an `mtls` credential names identifies the consumer up front, so
-    // consumer-keyed limits and the plugins see it.
-    let (consumer, credential) = match client_cert.as_deref().and_then(|c| engine.mtls.identify(c)) {
-        Some((consumer, credential)) => (Some(consumer.to_string()), Some(credential.to_string())),
-        None => (None, None),
-    };
-    // Built where it stays (the future's state), not built and then moved there.
-    let mut pending = Unanswered {
-        ctx: RequestCtx {
-            request_id,
-            client,
-            client_ip,
-            route: None,
-            host: None,
-            scheme,
-            plugins: None,
-            consumer,
-            credential,
-            client_cert,
-            rate: None,
-            upstream_target: None,
-            upstream_time: None,
-            tries: 0,
-            bytes_in: 0,
-            trace: None,
-            cache: None,
-            captured_body: None,
-            capture_body_cap: 0,
-            websocket: None,
-            websocket_session: None,
-            fell_back: None,
-            ai_meter: None,
-        },
-        observer: observer.clone(),
-        record: None,
-    };
-    let (mut head, body) = req.into_parts();
-    // A gRPC call gets gRPC answers, errors included; a gRPC-Web one goes upstream as gRPC.
-    let grpc = crate::grpc::Call::of(&head.headers, Instant::now());
-    if let Some(call) = grpc {
-        if let Some(web) = call.web {
-            web.to_grpc_request(&mut head.headers);
-        }
-        head.extensions.insert(call);
-    }
-    // gRPC compresses its own messages (`grpc-encoding`).
-    let compress_side = (!engine.compression.is_empty() && grpc.is_none())
-        .then(|| crate::compress::RequestSide::of(&head.method, &head.headers));
-    // Until the record is filled below, a dropped future (the client left) still logs it.
-    pending.record = observer.start(&head, &mut pending.ctx, &engine.trusted_proxies);
-    let ctx = &mut pending.ctx;
-    let req = Request::from_parts(head, body);
-    let mut error = None;
-    let resp = match forward(&engine, worker, ctx, req, ambiguity).await {
-        Ok(resp) => resp,
-        Err(e) => {
-            error = Some(e.kind.code());
-            error_response(e, &ctx.request_id)
-        }
-    };
-    let mut resp = match ctx.plugins.take() {
-        None => resp,
-        // Paths only some routes take are boxed here and in `forward`: an await's state is
-        // part of every request's future otherwise (8.6 KB without, 7.2 KB with; 256
-        // connections keep 256 of them in the cache).
-        Some(run) => Box::pin(plugin_response(run, ctx, resp)).await,
-    };
-    if let Some(meter) = ctx.ai_meter.take() {
-        let (parts, body) = Box::pin(meter.respond(resp)).await.into_parts();
-        resp = Response::from_parts(parts, ResponseBody::full(body));
-        resp.headers_mut().insert(&X_REQUEST_ID, ctx.request_id.clone());
-    }
-    // Heartbeats go after the plugins' chunk hooks (they see the upstream's bytes only).
-    if let Some(idle) = ctx.route.as_ref().and_then(|r| r.sse_heartbeat) {
-        if crate::sse::applies(&resp) {
-            let (parts, body) = resp.into_parts();
-            let body = crate::sse::Heartbeat::new(body, idle);
-            resp = Response::from_parts(parts, ResponseBody::Heartbeat(Box::new(body)));
-        }
-    }
-    if let Some(call) = &grpc {
-        resp = Box::pin(crate::grpc::as_grpc(resp, ctx.upstream_time.is_some())).await;
-        if let Some(web) = call.web {
-            let (mut parts, body) = resp.into_parts();
-            let state = web.respond_head(&mut parts.headers);
-            let body = crate::grpc_web::WebBody { inner: body, state };
-            resp = Response::from_parts(parts, ResponseBody::GrpcWeb(Box::new(body)));
-        }
-    }
-    if let Some(route) = &ctx.route {
-        engine.lifecycle.apply(route.index, resp.headers_mut());
-    }
-    if let Some(rate) = &ctx.rate {
-        let status = resp.status();
-        rate.apply(resp.headers_mut(), status);
-    }
-    if let Some(side) = &compress_side {
-        // Last: plugins and the rate headers saw the response as the upstream sent it.
-        resp = compress(&engine, ctx, side, resp);
-    }
-    // A WebSocket session starts once the client's switch answer has gone out (one that
-    // plugins turned into something else ends it here: its upstream connection is closed).
-    let session = ctx
-        .websocket_session
-        .take()
-        .filter(|s| s.switching_status() == resp.status());
-    if session.is_some() {
-        // A buffering plugin may have stated a length: a switch answer has no body at all.
-        resp.headers_mut().remove(header::CONTENT_LENGTH);
-    }
-    match pending.record.take() {
-        None => {
-            if let Some(session) = session {
-                tokio::spawn(session.run(None));
+) -> impl Future<Output = Response<ProxyBody>> + '_ {
+    async move {
+        let engine = worker.engine.load_full();
+        let observer = worker.observer.load_full();
+        let request_id = match req.headers().get(&X_REQUEST_ID) {
+            Some(v) if !v.is_empty() => v.clone(),
+            _ => new_request_id(),
+        };
+        let tls = req.extensions().get::<crate::tls::TlsConn>();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let client_cert = tls.and_then(|t| t.client.clone());
+        // A certificate that an `mtls` credential names identifies the consumer up front, so
+        // consumer-keyed limits and the plugins see it.
+        let (consumer, credential) = match client_cert.as_deref().and_then(|c| engine.mtls.identify(c)) {
+            Some((consumer, credential)) => (Some(consumer.to_string()), Some(credential.to_string())),
+            None => (None, None),
+        };
+        // Built where it stays (the future's state), not built and then moved there.
+        let mut pending = Unanswered {
+            ctx: RequestCtx {
+                request_id,
+                client,
+                client_ip,
+                route: None,
+                host: None,
+                scheme,
+                plugins: None,
+                consumer,
+                credential,
+                client_cert,
+                rate: None,
+                upstream_target: None,
+                upstream_time: None,
+                tries: 0,
+                bytes_in: 0,
+                trace: None,
+                cache: None,
+                captured_body: None,
+                capture_body_cap: 0,
+                websocket: None,
+                websocket_session: None,
+                fell_back: None,
+                ai_meter: None,
+            },
+            observer: observer.clone(),
+            record: None,
+        };
+        let (mut head, body) = req.into_parts();
+        // A gRPC call gets gRPC answers, errors included; a gRPC-Web one goes upstream as gRPC.
+        let grpc = crate::grpc::Call::of(&head.headers, Instant::now());
+        if let Some(call) = grpc {
+            if let Some(web) = call.web {
+                web.to_grpc_request(&mut head.headers);
             }
-            resp
+            head.extensions.insert(call);
         }
-        Some(mut record) => {
-            observer.fill(&mut record, ctx, resp.status().as_u16(), resp.headers(), error);
-            let capture_left = observer.response_capture_cap(&record);
-            let (parts, body) = resp.into_parts();
-            let mut finish = Finish {
-                observer,
-                record: Some(record),
-                capture_left,
-            };
-            if let Some(session) = session {
-                // Logged when the session ends, with its duration and bytes.
-                tokio::spawn(session.run(Some(finish)));
-                return Response::from_parts(parts, body);
+        // gRPC compresses its own messages (`grpc-encoding`).
+        let compress_side = (!engine.compression.is_empty() && grpc.is_none())
+            .then(|| crate::compress::RequestSide::of(&head.method, &head.headers));
+        // Until the record is filled below, a dropped future (the client left) still logs it.
+        pending.record = observer.start(&head, &mut pending.ctx, &engine.trusted_proxies);
+        let ctx = &mut pending.ctx;
+        let req = Request::from_parts(head, body);
+        let mut error = None;
+        let resp = match forward(&engine, worker, ctx, req, ambiguity).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                error = Some(e.kind.code());
+                error_response(e, &ctx.request_id)
             }
-            if body.is_end_stream() {
-                // Nothing to send: hyper may never poll the body.
-                finish.done();
+        };
+        let mut resp = match ctx.plugins.take() {
+            None => resp,
+            // Paths only some routes take are boxed here and in `forward`: an await's state is
+            // part of every request's future otherwise (8.6 KB without, 7.2 KB with; 256
+            // connections keep 256 of them in the cache).
+            Some(run) => Box::pin(plugin_response(run, ctx, resp)).await,
+        };
+        if let Some(meter) = ctx.ai_meter.take() {
+            let (parts, body) = Box::pin(meter.respond(resp)).await.into_parts();
+            resp = Response::from_parts(parts, ResponseBody::full(body));
+            resp.headers_mut().insert(&X_REQUEST_ID, ctx.request_id.clone());
+        }
+        // Heartbeats go after the plugins' chunk hooks (they see the upstream's bytes only).
+        if let Some(idle) = ctx.route.as_ref().and_then(|r| r.sse_heartbeat) {
+            if crate::sse::applies(&resp) {
+                let (parts, body) = resp.into_parts();
+                let body = crate::sse::Heartbeat::new(body, idle);
+                resp = Response::from_parts(parts, ResponseBody::Heartbeat(Box::new(body)));
             }
-            Response::from_parts(parts, ResponseBody::Observed(Box::new((body, finish))))
+        }
+        if let Some(call) = &grpc {
+            resp = Box::pin(crate::grpc::as_grpc(resp, ctx.upstream_time.is_some())).await;
+            if let Some(web) = call.web {
+                let (mut parts, body) = resp.into_parts();
+                let state = web.respond_head(&mut parts.headers);
+                let body = crate::grpc_web::WebBody { inner: body, state };
+                resp = Response::from_parts(parts, ResponseBody::GrpcWeb(Box::new(body)));
+            }
+        }
+        if let Some(route) = &ctx.route {
+            engine.lifecycle.apply(route.index, resp.headers_mut());
+        }
+        if let Some(rate) = &ctx.rate {
+            let status = resp.status();
+            rate.apply(resp.headers_mut(), status);
+        }
+        if let Some(side) = &compress_side {
+            // Last: plugins and the rate headers saw the response as the upstream sent it.
+            resp = compress(&engine, ctx, side, resp);
+        }
+        // A WebSocket session starts once the client's switch answer has gone out (one that
+        // plugins turned into something else ends it here: its upstream connection is closed).
+        let session = ctx
+            .websocket_session
+            .take()
+            .filter(|s| s.switching_status() == resp.status());
+        if session.is_some() {
+            // A buffering plugin may have stated a length: a switch answer has no body at all.
+            resp.headers_mut().remove(header::CONTENT_LENGTH);
+        }
+        match pending.record.take() {
+            None => {
+                if let Some(session) = session {
+                    tokio::spawn(session.run(None));
+                }
+                resp
+            }
+            Some(mut record) => {
+                observer.fill(&mut record, ctx, resp.status().as_u16(), resp.headers(), error);
+                let capture_left = observer.response_capture_cap(&record);
+                let (parts, body) = resp.into_parts();
+                let mut finish = Finish {
+                    observer,
+                    record: Some(record),
+                    capture_left,
+                };
+                if let Some(session) = session {
+                    // Logged when the session ends, with its duration and bytes.
+                    tokio::spawn(session.run(Some(finish)));
+                    return Response::from_parts(parts, body);
+                }
+                if body.is_end_stream() {
+                    // Nothing to send: hyper may never poll the body.
+                    finish.done();
+                }
+                Response::from_parts(parts, ResponseBody::Observed(Box::new((body, finish))))
+            }
         }
     }
 }
@@ -295,396 +304,401 @@ fn error_response(e: GatewayError, request_id: &HeaderValue) -> Response<ProxyBo
     resp
 }
 
-async fn forward(
-    engine: &Arc<Engine>,
-    tables: &Worker,
-    ctx: &mut RequestCtx,
+/// An `async move` block for the reason given at [`handle`].
+#[allow(clippy::manual_async_fn)]
+fn forward<'a>(
+    engine: &'a Arc<Engine>,
+    tables: &'a Worker,
+    ctx: &'a mut RequestCtx,
     req: Request<InboundBody>,
     ambiguity: Option<Ambiguity>,
-) -> Result<Response<ProxyBody>, GatewayError> {
-    if let Some(a) = ambiguity {
-        return Err(GatewayError::new(ErrorKind::BadRequest, a.message()));
-    }
-    // HTTP/1.1 framing was checked on the raw bytes (`framing.rs`); HTTP/2 frames its own
-    // bodies, but a Content-Length field can still disagree with itself.
-    if req.version() == Version::HTTP_2 {
-        check_framing(req.headers())?;
-    }
-    let (mut parts, body) = req.into_parts();
-    // A WebSocket handshake (either kind) looks like an HTTP/1.1 one from here on.
-    let websocket =
-        crate::websocket::handshake_of(&parts).and_then(|h| crate::websocket::begin(&mut parts, h));
-    // Limits on the head, then the path that routing, plugins and the upstream see.
-    crate::head_limits::check(&parts, &engine.limits)?;
-    // The WAF inspects the target as the client sent it: encodings and dot segments are evidence.
-    let raw_uri = engine.waf.is_some().then(|| parts.uri.clone());
-    crate::path_normalize::normalize_uri(&mut parts.uri)?;
-
-    // phase: route
-    let (route, mut upstream_path) = {
-        let head = RequestHead {
-            method: &parts.method,
-            host: host_of(&parts),
-            path: parts.uri.path(),
-            query: parts.uri.query(),
-            headers: &parts.headers,
-        };
-        let m = engine.router.lookup(&head).ok_or_else(|| {
-            GatewayError::new(
-                ErrorKind::NoRoute,
-                format!("no route matches {} {}", parts.method, parts.uri.path()),
-            )
-        })?;
-        if let Some(traced) = ctx.trace.as_mut().and_then(|t| t.traced.as_mut()) {
-            traced.route_pattern = Some(m.pattern.clone());
+) -> impl Future<Output = Result<Response<ProxyBody>, GatewayError>> + 'a {
+    async move {
+        if let Some(a) = ambiguity {
+            return Err(GatewayError::new(ErrorKind::BadRequest, a.message()));
         }
-        (m.route.clone(), m.upstream_path)
-    };
-    ctx.route = Some(route.clone());
-    if let Some(ws) = websocket {
-        if route.websocket {
-            ctx.websocket = Some(ws);
-        } else if ws.handshake == crate::websocket::Handshake::ExtendedConnect {
+        // HTTP/1.1 framing was checked on the raw bytes (`framing.rs`); HTTP/2 frames its own
+        // bodies, but a Content-Length field can still disagree with itself.
+        if req.version() == Version::HTTP_2 {
+            check_framing(req.headers())?;
+        }
+        let (mut parts, body) = req.into_parts();
+        // A WebSocket handshake (either kind) looks like an HTTP/1.1 one from here on.
+        let websocket =
+            crate::websocket::handshake_of(&parts).and_then(|h| crate::websocket::begin(&mut parts, h));
+        // Limits on the head, then the path that routing, plugins and the upstream see.
+        crate::head_limits::check(&parts, &engine.limits)?;
+        // The WAF inspects the target as the client sent it: encodings and dot segments are evidence.
+        let raw_uri = engine.waf.is_some().then(|| parts.uri.clone());
+        crate::path_normalize::normalize_uri(&mut parts.uri)?;
+
+        // phase: route
+        let (route, mut upstream_path) = {
+            let head = RequestHead {
+                method: &parts.method,
+                host: host_of(&parts),
+                path: parts.uri.path(),
+                query: parts.uri.query(),
+                headers: &parts.headers,
+            };
+            let m = engine.router.lookup(&head).ok_or_else(|| {
+                GatewayError::new(
+                    ErrorKind::NoRoute,
+                    format!("no route matches {} {}", parts.method, parts.uri.path()),
+                )
+            })?;
+            if let Some(traced) = ctx.trace.as_mut().and_then(|t| t.traced.as_mut()) {
+                traced.route_pattern = Some(m.pattern.clone());
+            }
+            (m.route.clone(), m.upstream_path)
+        };
+        ctx.route = Some(route.clone());
+        if let Some(ws) = websocket {
+            if route.websocket {
+                ctx.websocket = Some(ws);
+            } else if ws.handshake == crate::websocket::Handshake::ExtendedConnect {
+                return Err(GatewayError::new(
+                    ErrorKind::BadRequest,
+                    "this route does not accept WebSocket connections",
+                ));
+            }
+            // An HTTP/1.1 handshake on such a route goes on as a plain GET (Upgrade removed).
+        }
+        if route.client_cert_required && ctx.client_cert.is_none() {
             return Err(GatewayError::new(
-                ErrorKind::BadRequest,
-                "this route does not accept WebSocket connections",
+                ErrorKind::ClientCertRequired,
+                "this route needs a client certificate signed by a trusted CA",
             ));
         }
-        // An HTTP/1.1 handshake on such a route goes on as a plain GET (Upgrade removed).
-    }
-    if route.client_cert_required && ctx.client_cert.is_none() {
-        return Err(GatewayError::new(
-            ErrorKind::ClientCertRequired,
-            "this route needs a client certificate signed by a trusted CA",
-        ));
-    }
-    ctx.host = match parts.headers.get(header::HOST) {
-        Some(h) => Some(h.clone()),
-        None => parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
-    };
-    // phase: route (which upstream: version rules, then the weighted split)
-    let mut chosen = match &route.split {
-        None => route.upstream,
-        Some(split) => split.choose(route.upstream, &parts.headers, ctx.client_ip.as_bytes()),
-    };
-    let mut upstream = &engine.upstreams[chosen];
-    if let Some(spec) = &route.plugins {
-        let host = engine.plugins.clone().ok_or_else(|| {
-            GatewayError::new(
-                ErrorKind::Internal,
-                "the route has plugins but no plugin host is loaded",
-            )
-        })?;
-        ctx.plugins = Some(PluginRun {
-            host,
-            spec: spec.clone(),
-            state: None,
-            started: Instant::now(),
-            upstream: None,
-        });
-    }
-
-    // phase: access
-    for f in &engine.filters {
-        f.access(ctx, &parts)?;
-    }
-    let limited =
-        !engine.global_limits.is_empty() || !route.rate_limits.is_empty() || !engine.plans.is_empty();
-    // Limits keyed by who the client is (and plans) wait for the authentication plugins.
-    let count_late =
-        limited && (!engine.plans.is_empty() || all_limits(engine, &route).any(Limit::needs_consumer));
-    if limited && !count_late {
-        Box::pin(count_request(engine, tables, ctx, &route, &parts)).await?;
-    }
-    // The WAF (`waf.rs`): head first, then the body, all before any plugin or the upstream.
-    let waf = match (engine.waf.as_ref().and_then(|w| w.profile(route.index)), &raw_uri) {
-        (Some(profile), Some(raw)) => Some(crate::waf::begin(
-            profile,
-            ctx,
-            &engine.trusted_proxies,
-            raw,
-            &parts,
-        )?),
-        _ => None,
-    };
-    // A gRPC-Web text body is base64 as a whole: decoded before anything reads it.
-    let web_text = parts
-        .extensions
-        .get::<crate::grpc::Call>()
-        .and_then(|c| c.web)
-        .is_some_and(|w| w.text);
-    let mut client_body = match &ctx.plugins {
-        Some(run) if run.spec.request_body => {
-            let cap = match (run.spec.body_cap, engine.limits.max_body_bytes) {
-                (0, l) | (l, 0) => l,
-                (a, b) => a.min(b),
-            };
-            ClientBody::Whole(Box::pin(read_whole_body(body, cap, upstream)).await?)
-        }
-        _ if web_text => {
-            ClientBody::Whole(Box::pin(read_whole_body(body, engine.limits.max_body_bytes, upstream)).await?)
-        }
-        _ => {
-            let (body, first) = read_first_chunk(&parts.headers, body, upstream).await?;
-            ClientBody::Stream(body, first)
-        }
-    };
-    if let (true, ClientBody::Whole(b)) = (web_text, &mut client_body) {
-        *b = crate::grpc_web::decode_text(b).map_err(|m| GatewayError::new(ErrorKind::BadRequest, m))?;
-    }
-    if let Some(inspection) = waf {
-        let read = match &mut client_body {
-            ClientBody::Whole(b) => b.clone(),
-            ClientBody::Stream(incoming, first) if first.is_some() || !incoming.is_end_stream() => {
-                let limit = inspection.profile().body_limit;
-                let read = Box::pin(crate::waf::read_prefix(
-                    first.take(),
-                    incoming,
-                    limit,
-                    engine.limits.max_body_bytes,
-                    upstream.read_timeout,
-                ))
-                .await?;
-                *first = (!read.is_empty()).then(|| Frame::data(read.clone()));
-                read
-            }
-            ClientBody::Stream(..) => Bytes::new(),
+        ctx.host = match parts.headers.get(header::HOST) {
+            Some(h) => Some(h.clone()),
+            None => parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
         };
-        crate::waf::inspect_body(inspection, &read, ctx)?;
-    }
-    if let (ClientBody::Whole(b), n @ 1..) = (&client_body, ctx.capture_body_cap) {
-        // The body as the client sent it, before any plugin changed it.
-        if !b.is_empty() {
-            ctx.captured_body = Some(b.slice(..b.len().min(n)));
+        // phase: route (which upstream: version rules, then the weighted split)
+        let mut chosen = match &route.split {
+            None => route.upstream,
+            Some(split) => split.choose(route.upstream, &parts.headers, ctx.client_ip.as_bytes()),
+        };
+        let mut upstream = &engine.upstreams[chosen];
+        if let Some(spec) = &route.plugins {
+            let host = engine.plugins.clone().ok_or_else(|| {
+                GatewayError::new(
+                    ErrorKind::Internal,
+                    "the route has plugins but no plugin host is loaded",
+                )
+            })?;
+            ctx.plugins = Some(PluginRun {
+                host,
+                spec: spec.clone(),
+                state: None,
+                started: Instant::now(),
+                upstream: None,
+            });
         }
-    }
-    let mut query_override = None;
-    // The AI gateway's pass-through (`ai_fast.rs`): a request it takes skips the plugins.
-    if let (Some(fast), ClientBody::Whole(bytes)) = (route.ai_fast.as_ref(), &client_body) {
-        if let Some(admitted) = fast.admit(&parts.headers, bytes) {
-            ctx.consumer = Some(admitted.consumer.to_string());
-            ctx.credential = Some(admitted.credential.to_string());
-            parts.method = http::Method::POST;
-            parts.headers = admitted.headers(&parts.headers);
-            upstream_path = Some(admitted.path().to_string());
-            query_override = Some(String::new());
-            chosen = admitted.upstream();
-            upstream = &engine.upstreams[chosen];
-            client_body = ClientBody::Whole(admitted.body.clone());
-            ctx.plugins = None;
-            ctx.ai_meter = Some(Box::new(admitted.meter(&ctx.request_id)));
+
+        // phase: access
+        for f in &engine.filters {
+            f.access(ctx, &parts)?;
         }
-    }
-    // Fallback attempts (`req.fallbacks`), with their upstreams' indexes.
-    let mut fallbacks = None;
-    if let Some(mut run) = ctx.plugins.take() {
-        let outcome = Box::pin(request_plugins(
-            ctx,
-            &mut run,
-            &route,
-            &mut parts,
-            &mut client_body,
-        ))
-        .await;
-        ctx.plugins = Some(run);
-        match outcome? {
-            PluginOutcome::Respond(resp) => return Ok(*resp),
-            PluginOutcome::Continue { path, query, routing } => {
-                if path.is_some() {
-                    upstream_path = path;
+        let limited =
+            !engine.global_limits.is_empty() || !route.rate_limits.is_empty() || !engine.plans.is_empty();
+        // Limits keyed by who the client is (and plans) wait for the authentication plugins.
+        let count_late =
+            limited && (!engine.plans.is_empty() || all_limits(engine, &route).any(Limit::needs_consumer));
+        if limited && !count_late {
+            Box::pin(count_request(engine, tables, ctx, &route, &parts)).await?;
+        }
+        // The WAF (`waf.rs`): head first, then the body, all before any plugin or the upstream.
+        let waf = match (engine.waf.as_ref().and_then(|w| w.profile(route.index)), &raw_uri) {
+            (Some(profile), Some(raw)) => Some(crate::waf::begin(
+                profile,
+                ctx,
+                &engine.trusted_proxies,
+                raw,
+                &parts,
+            )?),
+            _ => None,
+        };
+        // A gRPC-Web text body is base64 as a whole: decoded before anything reads it.
+        let web_text = parts
+            .extensions
+            .get::<crate::grpc::Call>()
+            .and_then(|c| c.web)
+            .is_some_and(|w| w.text);
+        let mut client_body = match &ctx.plugins {
+            Some(run) if run.spec.request_body => {
+                let cap = match (run.spec.body_cap, engine.limits.max_body_bytes) {
+                    (0, l) | (l, 0) => l,
+                    (a, b) => a.min(b),
+                };
+                ClientBody::Whole(Box::pin(read_whole_body(body, cap, upstream)).await?)
+            }
+            _ if web_text => ClientBody::Whole(
+                Box::pin(read_whole_body(body, engine.limits.max_body_bytes, upstream)).await?,
+            ),
+            _ => {
+                let (body, first) = read_first_chunk(&parts.headers, body, upstream).await?;
+                ClientBody::Stream(body, first)
+            }
+        };
+        if let (true, ClientBody::Whole(b)) = (web_text, &mut client_body) {
+            *b = crate::grpc_web::decode_text(b).map_err(|m| GatewayError::new(ErrorKind::BadRequest, m))?;
+        }
+        if let Some(inspection) = waf {
+            let read = match &mut client_body {
+                ClientBody::Whole(b) => b.clone(),
+                ClientBody::Stream(incoming, first) if first.is_some() || !incoming.is_end_stream() => {
+                    let limit = inspection.profile().body_limit;
+                    let read = Box::pin(crate::waf::read_prefix(
+                        first.take(),
+                        incoming,
+                        limit,
+                        engine.limits.max_body_bytes,
+                        upstream.read_timeout,
+                    ))
+                    .await?;
+                    *first = (!read.is_empty()).then(|| Frame::data(read.clone()));
+                    read
                 }
-                query_override = query;
-                if let Some(routing) = routing {
-                    if let Some(name) = &routing.upstream {
-                        chosen = upstream_named(engine, name)?;
-                        upstream = &engine.upstreams[chosen];
+                ClientBody::Stream(..) => Bytes::new(),
+            };
+            crate::waf::inspect_body(inspection, &read, ctx)?;
+        }
+        if let (ClientBody::Whole(b), n @ 1..) = (&client_body, ctx.capture_body_cap) {
+            // The body as the client sent it, before any plugin changed it.
+            if !b.is_empty() {
+                ctx.captured_body = Some(b.slice(..b.len().min(n)));
+            }
+        }
+        let mut query_override = None;
+        // The AI gateway's pass-through (`ai_fast.rs`): a request it takes skips the plugins.
+        if let (Some(fast), ClientBody::Whole(bytes)) = (route.ai_fast.as_ref(), &client_body) {
+            if let Some(admitted) = fast.admit(&parts.headers, bytes) {
+                ctx.consumer = Some(admitted.consumer.to_string());
+                ctx.credential = Some(admitted.credential.to_string());
+                parts.method = http::Method::POST;
+                parts.headers = admitted.headers(&parts.headers);
+                upstream_path = Some(admitted.path().to_string());
+                query_override = Some(String::new());
+                chosen = admitted.upstream();
+                upstream = &engine.upstreams[chosen];
+                client_body = ClientBody::Whole(admitted.body.clone());
+                ctx.plugins = None;
+                ctx.ai_meter = Some(Box::new(admitted.meter(&ctx.request_id)));
+            }
+        }
+        // Fallback attempts (`req.fallbacks`), with their upstreams' indexes.
+        let mut fallbacks = None;
+        if let Some(mut run) = ctx.plugins.take() {
+            let outcome = Box::pin(request_plugins(
+                ctx,
+                &mut run,
+                &route,
+                &mut parts,
+                &mut client_body,
+            ))
+            .await;
+            ctx.plugins = Some(run);
+            match outcome? {
+                PluginOutcome::Respond(resp) => return Ok(*resp),
+                PluginOutcome::Continue { path, query, routing } => {
+                    if path.is_some() {
+                        upstream_path = path;
                     }
-                    if let (Some(mode), Some(run)) = (routing.body_mode, ctx.plugins.as_mut()) {
-                        // Only a chain with body hooks has a mode to switch.
-                        if run.spec.response_body != BodyMode::None {
-                            run.spec.response_body = mode;
+                    query_override = query;
+                    if let Some(routing) = routing {
+                        if let Some(name) = &routing.upstream {
+                            chosen = upstream_named(engine, name)?;
+                            upstream = &engine.upstreams[chosen];
+                        }
+                        if let (Some(mode), Some(run)) = (routing.body_mode, ctx.plugins.as_mut()) {
+                            // Only a chain with body hooks has a mode to switch.
+                            if run.spec.response_body != BodyMode::None {
+                                run.spec.response_body = mode;
+                            }
+                        }
+                        if !routing.fallbacks.is_empty() {
+                            let targets = routing
+                                .fallbacks
+                                .iter()
+                                .map(|a| upstream_named(engine, &a.upstream))
+                                .collect::<Result<Vec<_>, _>>()?;
+                            fallbacks = Some((routing, targets));
                         }
                     }
-                    if !routing.fallbacks.is_empty() {
-                        let targets = routing
-                            .fallbacks
-                            .iter()
-                            .map(|a| upstream_named(engine, &a.upstream))
-                            .collect::<Result<Vec<_>, _>>()?;
-                        fallbacks = Some((routing, targets));
-                    }
                 }
             }
         }
-    }
-    if count_late {
-        Box::pin(count_request(engine, tables, ctx, &route, &parts)).await?;
-    }
-
-    // phase: upstream_request (the target's URI and Host are set per attempt, in dispatch)
-    if route.preserve_host && !parts.headers.contains_key(header::HOST) {
-        if let Some(h) = &ctx.host {
-            // HTTP/2 clients send :authority instead of Host.
-            parts.headers.insert(header::HOST, h.clone());
+        if count_late {
+            Box::pin(count_request(engine, tables, ctx, &route, &parts)).await?;
         }
-    }
-    strip_hop_by_hop(&mut parts.headers);
-    if ctx.websocket.is_some() {
-        crate::websocket::upstream_headers(&mut parts.headers);
-    }
-    parts.headers.insert(&X_REQUEST_ID, ctx.request_id.clone());
-    if let Some(trace) = &ctx.trace {
-        trace.inject(&mut parts.headers);
-    }
-    for f in &engine.filters {
-        f.upstream_request(ctx, &mut parts);
-    }
-    let client_version = parts.version;
-    parts.version = Version::HTTP_11;
-    // The response cache (`cache.rs`): after the access phase, so authentication, limits
-    // and plugins run on hits too; before anything goes upstream.
-    let mut cache_fill = None;
-    if let Some(rc) = route.cache.as_ref().filter(|_| ctx.websocket.is_none()) {
-        let origin = crate::cache::Origin {
+
+        // phase: upstream_request (the target's URI and Host are set per attempt, in dispatch)
+        if route.preserve_host && !parts.headers.contains_key(header::HOST) {
+            if let Some(h) = &ctx.host {
+                // HTTP/2 clients send :authority instead of Host.
+                parts.headers.insert(header::HOST, h.clone());
+            }
+        }
+        strip_hop_by_hop(&mut parts.headers);
+        if ctx.websocket.is_some() {
+            crate::websocket::upstream_headers(&mut parts.headers);
+        }
+        parts.headers.insert(&X_REQUEST_ID, ctx.request_id.clone());
+        if let Some(trace) = &ctx.trace {
+            trace.inject(&mut parts.headers);
+        }
+        for f in &engine.filters {
+            f.upstream_request(ctx, &mut parts);
+        }
+        let client_version = parts.version;
+        parts.version = Version::HTTP_11;
+        // The response cache (`cache.rs`): after the access phase, so authentication, limits
+        // and plugins run on hits too; before anything goes upstream.
+        let mut cache_fill = None;
+        if let Some(rc) = route.cache.as_ref().filter(|_| ctx.websocket.is_none()) {
+            let origin = crate::cache::Origin {
+                engine,
+                upstream: chosen,
+                path: upstream_path.clone(),
+                query: query_override.as_deref(),
+                preserve_host: route.preserve_host,
+            };
+            match Box::pin(crate::cache::before(&engine.cache, rc, ctx, &mut parts, origin)).await {
+                crate::cache::Before::Respond(resp) => return Ok(resp),
+                crate::cache::Before::Forward(fill) => cache_fill = Some(fill),
+            }
+        }
+        // A handshake is not mirrored: the copy would open a session of its own.
+        let mirror = route
+            .mirror
+            .as_ref()
+            .filter(|m| ctx.websocket.is_none() && m.sampled());
+        if let Some(mirror) = mirror {
+            if let Some(bytes) = Box::pin(mirrorable_body(
+                &mut client_body,
+                &parts.headers,
+                mirror.max_body,
+                upstream,
+            ))
+            .await?
+            {
+                let path = upstream_path.clone();
+                mirror.spawn(
+                    engine.clone(),
+                    &parts,
+                    bytes,
+                    path,
+                    query_override.as_deref(),
+                    route.preserve_host,
+                );
+            }
+        }
+        let mut body = match client_body {
+            ClientBody::Stream(body, first) => RequestBody::new(body, first, engine.limits.max_body_bytes),
+            ClientBody::Whole(bytes) => RequestBody::buffered(bytes),
+        };
+        if ctx.capture_body_cap > 0 && ctx.captured_body.is_none() {
+            body.capture_first(ctx.capture_body_cap);
+        }
+
+        // send: picks a target, retries and falls back as the upstream and route say
+        let query = query_override.as_deref();
+        // What a fallback attempt without a path of its own is sent to.
+        let main_target = fallbacks
+            .as_ref()
+            .map(|_| (parts.uri.clone(), upstream_path.clone(), query_override.clone()));
+        let mut dispatched = send(
             engine,
-            upstream: chosen,
-            path: upstream_path.clone(),
-            query: query_override.as_deref(),
-            preserve_host: route.preserve_host,
-        };
-        match Box::pin(crate::cache::before(&engine.cache, rc, ctx, &mut parts, origin)).await {
-            crate::cache::Before::Respond(resp) => return Ok(resp),
-            crate::cache::Before::Forward(fill) => cache_fill = Some(fill),
-        }
-    }
-    // A handshake is not mirrored: the copy would open a session of its own.
-    let mirror = route
-        .mirror
-        .as_ref()
-        .filter(|m| ctx.websocket.is_none() && m.sampled());
-    if let Some(mirror) = mirror {
-        if let Some(bytes) = Box::pin(mirrorable_body(
-            &mut client_body,
-            &parts.headers,
-            mirror.max_body,
-            upstream,
-        ))
-        .await?
-        {
-            let path = upstream_path.clone();
-            mirror.spawn(
-                engine.clone(),
-                &parts,
-                bytes,
-                path,
-                query_override.as_deref(),
-                route.preserve_host,
-            );
-        }
-    }
-    let mut body = match client_body {
-        ClientBody::Stream(body, first) => RequestBody::new(body, first, engine.limits.max_body_bytes),
-        ClientBody::Whole(bytes) => RequestBody::buffered(bytes),
-    };
-    if ctx.capture_body_cap > 0 && ctx.captured_body.is_none() {
-        body.capture_first(ctx.capture_body_cap);
-    }
-
-    // send: picks a target, retries and falls back as the upstream and route say
-    let query = query_override.as_deref();
-    // What a fallback attempt without a path of its own is sent to.
-    let main_target = fallbacks
-        .as_ref()
-        .map(|_| (parts.uri.clone(), upstream_path.clone(), query_override.clone()));
-    let mut dispatched = send(
-        engine,
-        &route,
-        chosen,
-        ctx,
-        &mut parts,
-        &mut body,
-        upstream_path,
-        query,
-    )
-    .await;
-    ctx.bytes_in = body.bytes_read();
-    if let Some(captured) = body.take_captured() {
-        ctx.captured_body = Some(captured);
-    }
-    if let (Some((routing, targets)), Some(main)) = (fallbacks, main_target) {
-        let head = AttemptHead {
-            method: &parts.method,
-            version: client_version,
-            main,
-        };
-        let (result, used) = Box::pin(fall_back(
-            engine, &route, ctx, &head, &routing, &targets, chosen, dispatched,
-        ))
+            &route,
+            chosen,
+            ctx,
+            &mut parts,
+            &mut body,
+            upstream_path,
+            query,
+        )
         .await;
-        dispatched = result;
-        upstream = &engine.upstreams[used];
-    }
-    if let (Err(e), Some(fill)) = (&dispatched, &cache_fill) {
-        // stale-if-error: a stored answer instead of the gateway's error.
-        if let Some(resp) = fill.on_error(ctx, e) {
-            return Ok(resp);
+        ctx.bytes_in = body.bytes_read();
+        if let Some(captured) = body.take_captured() {
+            ctx.captured_body = Some(captured);
         }
-    }
-    let (resp, guard) = match dispatched? {
-        Dispatched::Upstream(resp, guard) => (resp, guard),
-        Dispatched::Respond(resp) => return Ok(resp),
-    };
-    // The request's head has gone upstream for the last time.
-    crate::headers::recycle(std::mem::take(&mut parts.headers));
-
-    // phase: response_headers
-    let (mut rparts, rbody) = resp.into_parts();
-    strip_hop_by_hop(&mut rparts.headers);
-    rparts.headers.insert(&X_REQUEST_ID, ctx.request_id.clone());
-    rparts.headers.append(header::VIA, via_value(Version::HTTP_11));
-    for f in &engine.filters {
-        f.response_headers(ctx, &mut rparts);
-    }
-    rparts.version = client_version;
-    if let Some(ws) = ctx.websocket.take() {
-        let switched = rparts.status == http::StatusCode::SWITCHING_PROTOCOLS;
-        if switched
-            || (ws.handshake == crate::websocket::Handshake::ExtendedConnect && rparts.status.is_success())
-        {
-            // A 2xx to an extended CONNECT would open a tunnel: only a 101 may.
-            let session = switched
-                .then(|| ws.accepted(&mut rparts, rbody, guard, route.websocket_idle))
-                .flatten()
-                .ok_or_else(|| {
-                    GatewayError::new(
-                        ErrorKind::UpstreamUnreachable,
-                        format!(
-                            "upstream {} did not switch to the WebSocket protocol",
-                            upstream.name
-                        ),
-                    )
-                })?;
-            ctx.websocket_session = Some(session);
-            return Ok(Response::from_parts(rparts, ResponseBody::Full(None)));
+        if let (Some((routing, targets)), Some(main)) = (fallbacks, main_target) {
+            let head = AttemptHead {
+                method: &parts.method,
+                version: client_version,
+                main,
+            };
+            let (result, used) = Box::pin(fall_back(
+                engine, &route, ctx, &head, &routing, &targets, chosen, dispatched,
+            ))
+            .await;
+            dispatched = result;
+            upstream = &engine.upstreams[used];
         }
-    }
+        if let (Err(e), Some(fill)) = (&dispatched, &cache_fill) {
+            // stale-if-error: a stored answer instead of the gateway's error.
+            if let Some(resp) = fill.on_error(ctx, e) {
+                return Ok(resp);
+            }
+        }
+        let (resp, guard) = match dispatched? {
+            Dispatched::Upstream(resp, guard) => (resp, guard),
+            Dispatched::Respond(resp) => return Ok(resp),
+        };
+        // The request's head has gone upstream for the last time.
+        crate::headers::recycle(std::mem::take(&mut parts.headers));
 
-    if let Some(fill) = cache_fill {
-        // Stored, refreshed or answered from a stale entry; otherwise streamed as below.
-        return Box::pin(fill.finish(rparts, rbody, guard, ctx)).await;
-    }
+        // phase: response_headers
+        let (mut rparts, rbody) = resp.into_parts();
+        strip_hop_by_hop(&mut rparts.headers);
+        rparts.headers.insert(&X_REQUEST_ID, ctx.request_id.clone());
+        rparts.headers.append(header::VIA, via_value(Version::HTTP_11));
+        for f in &engine.filters {
+            f.response_headers(ctx, &mut rparts);
+        }
+        rparts.version = client_version;
+        if let Some(ws) = ctx.websocket.take() {
+            let switched = rparts.status == http::StatusCode::SWITCHING_PROTOCOLS;
+            if switched
+                || (ws.handshake == crate::websocket::Handshake::ExtendedConnect
+                    && rparts.status.is_success())
+            {
+                // A 2xx to an extended CONNECT would open a tunnel: only a 101 may.
+                let session = switched
+                    .then(|| ws.accepted(&mut rparts, rbody, guard, route.websocket_idle))
+                    .flatten()
+                    .ok_or_else(|| {
+                        GatewayError::new(
+                            ErrorKind::UpstreamUnreachable,
+                            format!(
+                                "upstream {} did not switch to the WebSocket protocol",
+                                upstream.name
+                            ),
+                        )
+                    })?;
+                ctx.websocket_session = Some(session);
+                return Ok(Response::from_parts(rparts, ResponseBody::Full(None)));
+            }
+        }
 
-    // phase: response_body (streams through; the guard frees the target's slot at its end)
-    Ok(Response::from_parts(
-        rparts,
-        ResponseBody::Upstream {
-            inner: rbody,
-            _guard: guard,
-        },
-    ))
+        if let Some(fill) = cache_fill {
+            // Stored, refreshed or answered from a stale entry; otherwise streamed as below.
+            return Box::pin(fill.finish(rparts, rbody, guard, ctx)).await;
+        }
+
+        // phase: response_body (streams through; the guard frees the target's slot at its end)
+        Ok(Response::from_parts(
+            rparts,
+            ResponseBody::Upstream {
+                inner: rbody,
+                _guard: guard,
+            },
+        ))
+    }
 }
 
 /// The index of the upstream a plugin named; an unknown one is the plugin's error.
