@@ -604,10 +604,39 @@ async fn respond(
     let status = parts.status;
     let bodyless =
         status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    // One pass writes the fields and notes those the framing depends on: comparing names
+    // is cheaper than looking each one up (a hash and a probe apiece).
+    let (mut length, mut has_length, mut has_date, mut has_connection) = (None, false, false, false);
+    for (name, value) in parts.headers.iter() {
+        if name == header::TRANSFER_ENCODING {
+            continue; // the framing below is the one that holds
+        }
+        if name == header::CONTENT_LENGTH {
+            if !has_length {
+                length = value.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok());
+                has_length = true;
+            }
+        } else if name == header::DATE {
+            has_date = true;
+        } else if name == header::CONNECTION {
+            has_connection = true;
+            close |= value
+                .as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        }
+        field(out, name.as_str().as_bytes(), value.as_bytes());
+    }
     let mut framing = if bodyless {
         Framing::None
-    } else if let Some(v) = parts.headers.get(header::CONTENT_LENGTH) {
-        match v.to_str().ok().and_then(|v| v.trim().parse().ok()) {
+    } else if has_length {
+        match length {
             Some(n) => Framing::Length(n),
             None => Framing::Close,
         }
@@ -621,35 +650,17 @@ async fn respond(
     if framing == Framing::Close {
         close = true;
     }
-    if let Some(c) = parts.headers.get(header::CONNECTION) {
-        close |= c
-            .as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
-    }
-    out.clear();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
-    for (name, value) in parts.headers.iter() {
-        if name == header::TRANSFER_ENCODING {
-            continue; // the framing below is the one that holds
-        }
-        field(out, name.as_str().as_bytes(), value.as_bytes());
-    }
     match framing {
-        Framing::Length(n) if !parts.headers.contains_key(header::CONTENT_LENGTH) => {
+        Framing::Length(n) if !has_length => {
             field(out, b"content-length", itoa::Buffer::new().format(n).as_bytes())
         }
         Framing::Chunked => field(out, b"transfer-encoding", b"chunked"),
         _ => {}
     }
-    if !parts.headers.contains_key(header::DATE) {
+    if !has_date {
         with_date(|d| field(out, b"date", d));
     }
-    if close && !parts.headers.contains_key(header::CONNECTION) {
+    if close && !has_connection {
         field(out, b"connection", b"close");
     }
     out.extend_from_slice(b"\r\n");

@@ -169,9 +169,8 @@ pub fn handle(
         // Until the record is filled below, a dropped future (the client left) still logs it.
         pending.record = observer.start(&head, &mut pending.ctx, &engine.trusted_proxies);
         let ctx = &mut pending.ctx;
-        let req = Request::from_parts(head, body);
         let mut error = None;
-        let resp = match forward(&engine, worker, ctx, req, ambiguity).await {
+        let resp = match forward(&engine, worker, ctx, head, body, ambiguity).await {
             Ok(resp) => resp,
             Err(e) => {
                 error = Some(e.kind.code());
@@ -310,7 +309,8 @@ fn forward<'a>(
     engine: &'a Arc<Engine>,
     tables: &'a Worker,
     ctx: &'a mut RequestCtx,
-    req: Request<InboundBody>,
+    mut parts: request::Parts,
+    body: InboundBody,
     ambiguity: Option<Ambiguity>,
 ) -> impl Future<Output = Result<Response<ProxyBody>, GatewayError>> + 'a {
     async move {
@@ -319,10 +319,9 @@ fn forward<'a>(
         }
         // HTTP/1.1 framing was checked on the raw bytes (`framing.rs`); HTTP/2 frames its own
         // bodies, but a Content-Length field can still disagree with itself.
-        if req.version() == Version::HTTP_2 {
-            check_framing(req.headers())?;
+        if parts.version == Version::HTTP_2 {
+            check_framing(&parts.headers)?;
         }
-        let (mut parts, body) = req.into_parts();
         // A WebSocket handshake (either kind) looks like an HTTP/1.1 one from here on.
         let websocket =
             crate::websocket::handshake_of(&parts).and_then(|h| crate::websocket::begin(&mut parts, h));
@@ -332,11 +331,19 @@ fn forward<'a>(
         let raw_uri = engine.waf.is_some().then(|| parts.uri.clone());
         crate::path_normalize::normalize_uri(&mut parts.uri)?;
 
+        ctx.host = match parts.headers.get(header::HOST) {
+            Some(h) => Some(h.clone()),
+            None => parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        };
+
         // phase: route
         let (route, mut upstream_path) = {
             let head = RequestHead {
                 method: &parts.method,
-                host: host_of(&parts),
+                host: ctx.host.as_ref().and_then(|h| h.to_str().ok()),
                 path: parts.uri.path(),
                 query: parts.uri.query(),
                 headers: &parts.headers,
@@ -370,13 +377,6 @@ fn forward<'a>(
                 "this route needs a client certificate signed by a trusted CA",
             ));
         }
-        ctx.host = match parts.headers.get(header::HOST) {
-            Some(h) => Some(h.clone()),
-            None => parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
-        };
         // phase: route (which upstream: version rules, then the weighted split)
         let mut chosen = match &route.split {
             None => route.upstream,
@@ -1229,13 +1229,6 @@ async fn read_first_chunk(
             ErrorKind::BadRequest,
             format!("malformed request body: {e}"),
         )),
-    }
-}
-
-fn host_of(parts: &request::Parts) -> Option<&str> {
-    match parts.headers.get(header::HOST) {
-        Some(h) => h.to_str().ok(),
-        None => parts.uri.authority().map(|a| a.as_str()),
     }
 }
 
