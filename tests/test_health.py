@@ -89,7 +89,7 @@ def test_one_of_three_targets_dies_under_load_without_client_errors(
     processes.append(doomed)
     # the defaults: passive checks on, one retry on connect errors and resets
     gw = gateway(pool([a.address, b.address, doomed.address]), workers=2)
-    per_thread, threads_n = 150, 4
+    per_thread, threads_n = 300, 4  # the kill at 0.3 s lands well inside the load
     statuses: Counter[int] = Counter()
     seen: Counter[str] = Counter()
     errors: list[BaseException] = []
