@@ -13,6 +13,7 @@ import httpx
 
 from ferrogate.master import worker_environment
 from gateway import Gateway, GatewayFactory, is_alive
+from rawhttp import RawConnection
 from upstreams import Upstream
 
 
@@ -134,40 +135,19 @@ def test_sigterm_does_not_wait_for_connections_that_never_sent_a_request(
         silent.close()
 
 
-def _read_response(sock: socket.socket) -> bytes:
-    """One response with a Content-Length body, read off a raw socket."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(4096)
-        assert chunk, f"connection closed mid-head: {data!r}"
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    length = next(
-        int(line.split(b":", 1)[1])
-        for line in head.split(b"\r\n")
-        if line.lower().startswith(b"content-length:")
-    )
-    while len(rest) < length:
-        chunk = sock.recv(4096)
-        assert chunk, "connection closed mid-body"
-        rest += chunk
-    return head
-
-
 def test_sigterm_closes_kept_alive_connections_between_requests(
     gateway: GatewayFactory, upstream: Upstream
 ) -> None:
     gw = start(gateway, upstream, grace_period="30s")
-    host, port = gw.url.removeprefix("http://").rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=10) as conn:
+    with RawConnection(gw.port) as conn:
         # A few requests on one connection: it now waits for the next one, idle.
         for path in ("/one", "/two", "/three"):
-            conn.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
-            assert _read_response(conn).startswith(b"HTTP/1.1 200")
+            conn.send(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+            assert conn.read_response().status == 200
         t0 = time.monotonic()
         gw.signal(signal.SIGTERM)
         # The worker closes it at once instead of waiting out the grace period.
-        assert conn.recv(1) == b""
+        assert conn.is_closed(timeout=10)
         assert gw.proc is not None
         assert gw.proc.wait(timeout=20) == 0
         assert time.monotonic() - t0 < 10, "shutdown waited on an idle kept-alive connection"
