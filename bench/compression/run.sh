@@ -27,8 +27,8 @@
 #
 # Environment: DURATION (6 s), WARMUP (2 s), ROUNDS (4), CONNS (64), PROXY_CPU (1), LOAD_CPU (0),
 # PORT_BASE (18190: the origin; the gateway on PORT_BASE + 1), CASES ("plain gzip br zstd"; the
-# first is the reference), LEVELS (the YAML of `compression.level`, default "{gzip: 4, br: 4,
-# zstd: 3}"), CACHE (0; 1 gives the route `cache: {default_ttl: 1h}`, so each coding is
+# first is the reference), LEVELS (the YAML of `compression.level`, default "{gzip: 1, br: 4,
+# zstd: 3}", the config's defaults), CACHE (0; 1 gives the route `cache: {default_ttl: 1h}`, so each coding is
 # compressed once and then sent from the entry), FERROGATE (ferrogate). Logs and raw wrk output stay in
 # ${TMPDIR:-/tmp}/ferrogate-bench-compression-UID-PORT_BASE until the next run.
 #
@@ -46,7 +46,7 @@ LOAD_CPU=${LOAD_CPU:-0}
 PORT_BASE=${PORT_BASE:-18190}
 FERROGATE=${FERROGATE:-ferrogate}
 CASES=${CASES:-"plain gzip br zstd"}
-LEVELS=${LEVELS:-"{gzip: 4, br: 4, zstd: 3}"}
+LEVELS=${LEVELS:-"{gzip: 1, br: 4, zstd: 3}"}
 CACHE=${CACHE:-0}
 PEER=${PEER:-0}
 

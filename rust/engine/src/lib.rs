@@ -16,6 +16,7 @@ pub mod concurrency;
 pub mod config;
 pub mod conn_limit;
 pub mod counters;
+pub mod deflate;
 pub mod dispatch;
 pub mod echo;
 pub mod engine;
