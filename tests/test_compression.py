@@ -501,7 +501,9 @@ def test_gzip_bodies_of_every_shape_decode(
         third = len(body) // 3
         pieces = [body[:third], body[third : 2 * third], body[2 * third :]]
         origin.answers[f"/one/{name}"] = Answer(body=body)
-        origin.answers[f"/split/{name}"] = Answer(parts=[pieces[0], pause, *pieces[1:]], chunked=False)
+        origin.answers[f"/split/{name}"] = Answer(
+            parts=[pieces[0], pause, *pieces[1:]], chunked=False
+        )
         origin.answers[f"/chunked/{name}"] = Answer(parts=pieces)
     gw = start(gateway, origin, {"min_size": 0, "level": {"gzip": level}})
     for name, body in bodies.items():
