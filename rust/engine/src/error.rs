@@ -102,7 +102,10 @@ pub struct GatewayError {
     pub detail: Option<Box<(&'static str, serde_json::Value)>>,
 }
 
+// The constructors are `#[cold]`: the compiler then treats every branch that leads to an
+// error as unlikely and lays the request path's code out without them in between.
 impl GatewayError {
+    #[cold]
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         GatewayError {
             kind,
@@ -111,6 +114,7 @@ impl GatewayError {
         }
     }
 
+    #[cold]
     pub fn with_detail(mut self, key: &'static str, value: serde_json::Value) -> Self {
         self.detail = Some(Box::new((key, value)));
         self
@@ -129,6 +133,7 @@ impl GatewayError {
         body.to_string()
     }
 
+    #[cold]
     pub fn into_response<B>(self, request_id: &HeaderValue, full: impl FnOnce(String) -> B) -> Response<B> {
         let body = self.body(request_id);
         let mut resp = Response::new(full(body));

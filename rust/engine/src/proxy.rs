@@ -297,6 +297,7 @@ fn compress(
     }
 }
 
+#[cold]
 fn error_response(e: GatewayError, request_id: &HeaderValue) -> Response<ProxyBody> {
     let mut resp = e.into_response(request_id, |b| ResponseBody::full(Bytes::from(b)));
     resp.headers_mut().insert(&X_REQUEST_ID, request_id.clone());
