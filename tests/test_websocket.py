@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import ssl
 import threading
@@ -201,6 +202,35 @@ def test_idle_sessions_are_closed_with_1001_on_both_sides(
     assert session.ended.wait(5)
     assert session.received == ["anyone?"]
     assert session.close_code == 1001
+
+
+def test_sigterm_closes_sessions_with_1001_on_both_sides_and_waits_for_them(
+    gateway: GatewayFactory, ws_upstream: WsUpstream
+) -> None:
+    cfg = config(ws_upstream)
+    cfg["grace_period"] = "10s"
+    gw = gateway(cfg, workers=1)
+    with connect(ws_url(gw, "/echo"), open_timeout=5) as ws:
+        ws.send("before")
+        assert ws.recv(timeout=5) == "before"
+        started = time.monotonic()
+        gw.signal(signal.SIGTERM)
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=9)
+        # At the next frame boundary, not at the end of the grace period.
+        assert time.monotonic() - started < 3
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1001, "gateway shutting down")
+    session = ws_upstream.wait_session()
+    assert session.ended.wait(5)
+    assert session.close_code == 1001
+    assert gw.proc is not None and gw.proc.wait(timeout=10) == 0
+    stopped = [
+        json.loads(line) for line in gw.stderr_text().splitlines() if "worker_stopped" in line
+    ]
+    assert len(stopped) == 1, gw.stderr_text()
+    assert stopped[0]["websocket_sessions"] == 1
+    assert stopped[0]["drained"] is True
 
 
 def test_activity_keeps_a_session_open_past_the_idle_limit(

@@ -46,6 +46,9 @@ pub struct Worker {
     pub observe_env: ObserveEnv,
     /// This worker's open connections per client address (`limits.max_connections_per_ip`).
     pub connections: Arc<crate::conn_limit::PerIpConnections>,
+    /// WebSocket sessions, which leave the HTTP server once switched: told when the worker
+    /// drains, and waited for.
+    pub websockets: Arc<crate::websocket::Sessions>,
 }
 
 impl Worker {
@@ -61,6 +64,7 @@ impl Worker {
                 runtime_path: std::path::PathBuf::new(),
             },
             connections: Arc::default(),
+            websockets: Arc::default(),
         }
     }
 
@@ -230,7 +234,7 @@ pub fn handle(
         match pending.record.take() {
             None => {
                 if let Some(session) = session {
-                    tokio::spawn(session.run(None));
+                    tokio::spawn(session.run(None, &worker.websockets));
                 }
                 resp
             }
@@ -245,7 +249,7 @@ pub fn handle(
                 };
                 if let Some(session) = session {
                     // Logged when the session ends, with its duration and bytes.
-                    tokio::spawn(session.run(Some(finish)));
+                    tokio::spawn(session.run(Some(finish), &worker.websockets));
                     return Response::from_parts(parts, body);
                 }
                 if body.is_end_stream() {

@@ -306,17 +306,28 @@ pub fn serve(
             let _ = task.await;
         }
         let _ = stopping.send(true);
+        worker.websockets.drain();
         let grace = worker.engine.load().grace_period;
         let graceful = Arc::try_unwrap(graceful)
             .map_err(|_| "accept loops still hold the shutdown handle".to_string())?;
         let open = graceful.count();
-        let drained = tokio::time::timeout(grace, graceful.shutdown()).await.is_ok();
+        let sessions = worker.websockets.live();
+        let all_closed = async {
+            graceful.shutdown().await;
+            worker.websockets.closed().await;
+        };
+        let drained = tokio::time::timeout(grace, all_closed).await.is_ok();
         worker.observer.load_full().shutdown().await;
         worker.observer.load().flush_at_exit();
         log_event(
             "info",
             "worker_stopped",
-            serde_json::json!({"worker": worker_id, "open_connections": open, "drained": drained}),
+            serde_json::json!({
+                "worker": worker_id,
+                "open_connections": open,
+                "websocket_sessions": sessions,
+                "drained": drained,
+            }),
         );
         Ok(())
     })
@@ -502,7 +513,7 @@ fn switched<B>(record: Option<Arc<FramingRecord>>, resp: &hyper::Response<B>) {
 /// Serve an HTTP/1.1 connection that may switch protocols (WebSocket). hyper-util has no
 /// graceful watch for it, so the watcher is only held (shutdown waits for this task) and
 /// the drain signal comes from `stopping`. A switched connection leaves hyper: its
-/// session runs in a task of its own and ends when the worker exits.
+/// session runs in a task of its own, counted in `Worker::websockets`.
 async fn serve_h1<C>(conn: C, watcher: Watcher, mut stopping: watch::Receiver<bool>)
 where
     C: std::future::Future + GracefulH1,

@@ -9,8 +9,10 @@
 //!
 //! Frames are not parsed, only followed (`FrameCursor`) to know where one ends: close codes
 //! from either end reach the other intact. When a session is idle for the route's
-//! `websocket_idle`, the gateway sends a close frame 1001 to each side that sits between
-//! frames, then closes both connections.
+//! `websocket_idle`, or the worker drains (SIGTERM), the gateway sends a close frame 1001
+//! to each side that sits between frames, then closes both connections. A draining worker
+//! waits, within its grace period, for a session in the middle of a frame to reach the
+//! frame's end first, and for every session to end before it exits.
 
 use crate::h1client::Stream;
 use crate::headers::next_u64;
@@ -22,7 +24,7 @@ use http::{request, response, Method, StatusCode, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
@@ -30,10 +32,77 @@ use tokio::time::Instant;
 static SEC_WEBSOCKET_KEY: HeaderName = HeaderName::from_static("sec-websocket-key");
 static SEC_WEBSOCKET_ACCEPT: HeaderName = HeaderName::from_static("sec-websocket-accept");
 
-/// 1001 "going away": the reason given when an idle session is closed.
-const IDLE_CLOSE_CODE: u16 = 1001;
+/// 1001 "going away": the code of the gateway's own closes, idle or draining.
+const GOING_AWAY: u16 = 1001;
 const IDLE_CLOSE_REASON: &[u8] = b"idle timeout";
+const DRAIN_CLOSE_REASON: &[u8] = b"gateway shutting down";
+/// How often a draining session looks whether both directions are between frames.
+const BOUNDARY_POLL: Duration = Duration::from_millis(10);
 const COPY_BUF: usize = 16 * 1024;
+
+/// A worker's WebSocket sessions: told together when the worker drains, and counted so
+/// that it can wait for them.
+#[derive(Debug)]
+pub struct Sessions {
+    draining: tokio::sync::watch::Sender<bool>,
+    live: AtomicU64,
+    ended: tokio::sync::Notify,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Sessions {
+            draining: tokio::sync::watch::Sender::new(false),
+            live: AtomicU64::new(0),
+            ended: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+/// A session's place in [`Sessions`], given back when the session ends.
+struct Tracked {
+    sessions: std::sync::Arc<Sessions>,
+    draining: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if self.sessions.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.sessions.ended.notify_waiters();
+        }
+    }
+}
+
+impl Sessions {
+    fn track(self: &std::sync::Arc<Self>) -> Tracked {
+        self.live.fetch_add(1, Ordering::AcqRel);
+        Tracked {
+            sessions: self.clone(),
+            draining: self.draining.subscribe(),
+        }
+    }
+
+    pub fn live(&self) -> u64 {
+        self.live.load(Ordering::Acquire)
+    }
+
+    /// Close every session at its next frame boundary (1001 both ways), and the ones that
+    /// start from now on at once.
+    pub fn drain(&self) {
+        self.draining.send_replace(true);
+    }
+
+    /// Until no session is left (bound it with a timeout).
+    pub async fn closed(&self) {
+        loop {
+            let ended = self.ended.notified();
+            if self.live() == 0 {
+                return;
+            }
+            ended.await;
+        }
+    }
+}
 
 /// How the client asked for the WebSocket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,28 +252,41 @@ impl Session {
     }
 
     /// Run the session once the client's side has switched; `finish` logs it at its end
-    /// (duration and bytes of the whole session).
-    pub async fn run(self, mut finish: Option<Finish>) {
-        let Session {
-            on_upgrade,
-            upstream,
-            early,
-            idle,
-            guard,
-            ..
-        } = self;
-        let _guard = guard;
-        let Ok(client) = on_upgrade.await else {
-            return;
-        };
-        let outcome = splice(TokioIo::new(client), upstream, early, idle).await;
-        if let Some(rec) = finish.as_mut().and_then(|f| f.record.as_mut()) {
-            rec.bytes_in += outcome.client_to_upstream;
-            rec.bytes_out += outcome.upstream_to_client;
-        }
-        if outcome.end != End::Failed {
-            if let Some(f) = finish.as_mut() {
-                f.done();
+    /// (duration and bytes of the whole session). The session counts in `sessions` from
+    /// this call on, so a drain that starts before its task first runs still waits for it.
+    pub fn run(
+        self,
+        mut finish: Option<Finish>,
+        sessions: &std::sync::Arc<Sessions>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let tracked = sessions.track();
+        async move {
+            let Session {
+                on_upgrade,
+                upstream,
+                early,
+                idle,
+                guard,
+                ..
+            } = self;
+            let _guard = guard;
+            let Ok(client) = on_upgrade.await else {
+                return;
+            };
+            let mut draining = tracked.draining.clone();
+            let drain = async move {
+                let _ = draining.wait_for(|d| *d).await;
+            };
+            let outcome = splice(TokioIo::new(client), upstream, early, idle, drain).await;
+            drop(tracked);
+            if let Some(rec) = finish.as_mut().and_then(|f| f.record.as_mut()) {
+                rec.bytes_in += outcome.client_to_upstream;
+                rec.bytes_out += outcome.upstream_to_client;
+            }
+            if outcome.end != End::Failed {
+                if let Some(f) = finish.as_mut() {
+                    f.done();
+                }
             }
         }
     }
@@ -217,6 +299,8 @@ pub enum End {
     Closed,
     /// Nothing moved for the idle timeout.
     Idle,
+    /// The worker drained.
+    Drained,
     /// A connection failed (reset, write error).
     Failed,
 }
@@ -301,17 +385,35 @@ fn ms_since(base: Instant) -> u64 {
     base.elapsed().as_millis() as u64
 }
 
+/// One direction's shared state: what it has copied, whether a write is under way, and
+/// whether what it has written ends between frames. The last two tell a close frame of the
+/// gateway's whether it may go in now without cutting a frame.
+#[derive(Default)]
+struct Direction {
+    count: AtomicU64,
+    writing: AtomicBool,
+    between_frames: AtomicBool,
+}
+
+impl Direction {
+    fn new() -> Direction {
+        Direction {
+            between_frames: AtomicBool::new(true),
+            ..Direction::default()
+        }
+    }
+
+    fn may_close(&self) -> bool {
+        !self.writing.load(Ordering::Relaxed) && self.between_frames.load(Ordering::Relaxed)
+    }
+}
+
 /// One direction: copy until the reader ends (then half-close the writer) or fails.
-/// `writing` is set while a write is under way, so that an idle close knows whether a
-/// frame may have been cut.
-#[allow(clippy::too_many_arguments)]
 async fn pump<R, W>(
     reader: &mut R,
     writer: &mut W,
     first: Option<&[u8]>,
-    cursor: &mut FrameCursor,
-    count: &AtomicU64,
-    writing: &AtomicU64,
+    dir: &Direction,
     last: &AtomicU64,
     base: Instant,
 ) -> io::Result<()>
@@ -319,10 +421,12 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let mut cursor = FrameCursor::default();
     if let Some(data) = first.filter(|d| !d.is_empty()) {
-        write_flush(writer, data, writing).await?;
+        write_flush(writer, data, dir).await?;
         cursor.advance(data);
-        count.fetch_add(data.len() as u64, Ordering::Relaxed);
+        dir.between_frames.store(cursor.at_boundary(), Ordering::Relaxed);
+        dir.count.fetch_add(data.len() as u64, Ordering::Relaxed);
     }
     let mut buf = vec![0u8; COPY_BUF];
     loop {
@@ -332,28 +436,32 @@ where
             let _ = writer.shutdown().await;
             return Ok(());
         }
-        write_flush(writer, &buf[..n], writing).await?;
         cursor.advance(&buf[..n]);
-        count.fetch_add(n as u64, Ordering::Relaxed);
+        dir.between_frames.store(cursor.at_boundary(), Ordering::Relaxed);
+        write_flush(writer, &buf[..n], dir).await?;
+        dir.count.fetch_add(n as u64, Ordering::Relaxed);
         last.store(ms_since(base), Ordering::Relaxed);
     }
 }
 
-async fn write_flush<W: AsyncWrite + Unpin>(
-    writer: &mut W,
-    data: &[u8],
-    writing: &AtomicU64,
-) -> io::Result<()> {
-    writing.store(1, Ordering::Relaxed);
+async fn write_flush<W: AsyncWrite + Unpin>(writer: &mut W, data: &[u8], dir: &Direction) -> io::Result<()> {
+    dir.writing.store(true, Ordering::Relaxed);
     writer.write_all(data).await?;
     writer.flush().await?;
-    writing.store(0, Ordering::Relaxed);
+    dir.writing.store(false, Ordering::Relaxed);
     Ok(())
 }
 
-/// Copy bytes both ways until both sides have closed, one fails, or nothing moved for
-/// `idle`.
-pub async fn splice<C, U>(client: C, upstream: U, early: BytesMut, idle: Option<Duration>) -> Outcome
+/// Copy bytes both ways until both sides have closed, one fails, nothing moved for `idle`,
+/// or `drain` completes and both directions are between frames (or the session stays in
+/// the middle of one for the grace period).
+pub async fn splice<C, U>(
+    client: C,
+    upstream: U,
+    early: BytesMut,
+    idle: Option<Duration>,
+    drain: impl std::future::Future<Output = ()>,
+) -> Outcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -362,31 +470,12 @@ where
     let (mut upstream_r, mut upstream_w) = tokio::io::split(upstream);
     let base = Instant::now();
     let last = AtomicU64::new(0);
-    let (up_count, down_count) = (AtomicU64::new(0), AtomicU64::new(0));
-    let (up_writing, down_writing) = (AtomicU64::new(0), AtomicU64::new(0));
-    let (mut up_cursor, mut down_cursor) = (FrameCursor::default(), FrameCursor::default());
+    let (up, down) = (Direction::new(), Direction::new());
+    let grace = Duration::from_secs(1);
     let end = {
-        let up = pump(
-            &mut client_r,
-            &mut upstream_w,
-            None,
-            &mut up_cursor,
-            &up_count,
-            &up_writing,
-            &last,
-            base,
-        );
-        let down = pump(
-            &mut upstream_r,
-            &mut client_w,
-            Some(&early),
-            &mut down_cursor,
-            &down_count,
-            &down_writing,
-            &last,
-            base,
-        );
-        tokio::pin!(up, down);
+        let up_pump = pump(&mut client_r, &mut upstream_w, None, &up, &last, base);
+        let down_pump = pump(&mut upstream_r, &mut client_w, Some(&early), &down, &last, base);
+        tokio::pin!(up_pump, down_pump, drain);
         let (mut up_done, mut down_done) = (false, false);
         let idle_wait = async {
             let Some(idle) = idle else {
@@ -402,36 +491,57 @@ where
             }
         };
         tokio::pin!(idle_wait);
+        // Set when the drain begins: until then, the frame in flight may still end.
+        let mut drain_deadline: Option<Instant> = None;
         loop {
+            let boundary_poll = async {
+                match drain_deadline {
+                    Some(_) => tokio::time::sleep(BOUNDARY_POLL).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                r = &mut up, if !up_done => match r {
+                r = &mut up_pump, if !up_done => match r {
                     Ok(()) => up_done = true,
                     Err(_) => break End::Failed,
                 },
-                r = &mut down, if !down_done => match r {
+                r = &mut down_pump, if !down_done => match r {
                     Ok(()) => down_done = true,
                     Err(_) => break End::Failed,
                 },
                 () = &mut idle_wait => break End::Idle,
+                () = &mut drain, if drain_deadline.is_none() => {
+                    drain_deadline = Some(Instant::now() + grace);
+                }
+                () = boundary_poll => {}
             }
             if up_done && down_done {
                 break End::Closed;
             }
+            if let Some(deadline) = drain_deadline {
+                if (up.may_close() && down.may_close()) || Instant::now() >= deadline {
+                    break End::Drained;
+                }
+            }
         }
     };
-    if end == End::Idle {
+    let reason = match end {
+        End::Idle => Some(IDLE_CLOSE_REASON),
+        End::Drained => Some(DRAIN_CLOSE_REASON),
+        End::Closed | End::Failed => None,
+    };
+    if let Some(reason) = reason {
         // A close frame only between frames: one cut in the middle would corrupt the stream.
-        let grace = Duration::from_secs(1);
-        if down_cursor.at_boundary() && down_writing.load(Ordering::Relaxed) == 0 {
-            let frame = close_frame(IDLE_CLOSE_CODE, IDLE_CLOSE_REASON, false);
+        if down.may_close() {
+            let frame = close_frame(GOING_AWAY, reason, false);
             let _ = tokio::time::timeout(grace, async {
                 client_w.write_all(&frame).await?;
                 client_w.flush().await
             })
             .await;
         }
-        if up_cursor.at_boundary() && up_writing.load(Ordering::Relaxed) == 0 {
-            let frame = close_frame(IDLE_CLOSE_CODE, IDLE_CLOSE_REASON, true);
+        if up.may_close() {
+            let frame = close_frame(GOING_AWAY, reason, true);
             let _ = tokio::time::timeout(grace, async {
                 upstream_w.write_all(&frame).await?;
                 upstream_w.flush().await
@@ -443,8 +553,8 @@ where
     }
     Outcome {
         end,
-        client_to_upstream: up_count.load(Ordering::Relaxed),
-        upstream_to_client: down_count.load(Ordering::Relaxed),
+        client_to_upstream: up.count.load(Ordering::Relaxed),
+        upstream_to_client: down.count.load(Ordering::Relaxed),
     }
 }
 
@@ -567,7 +677,13 @@ mod tests {
         let (client, mut client_peer) = tokio::io::duplex(64 * 1024);
         let (upstream, mut upstream_peer) = tokio::io::duplex(64 * 1024);
         let early = BytesMut::from(&frame(3, false)[..]);
-        let task = tokio::spawn(splice(client, upstream, early, Some(Duration::from_millis(200))));
+        let task = tokio::spawn(splice(
+            client,
+            upstream,
+            early,
+            Some(Duration::from_millis(200)),
+            std::future::pending(),
+        ));
         let mut got = vec![0u8; 5];
         client_peer.read_exact(&mut got).await.unwrap();
         assert_eq!(got, frame(3, false));
@@ -586,5 +702,61 @@ mod tests {
         let mut rest = Vec::new();
         upstream_peer.read_to_end(&mut rest).await.unwrap();
         assert_eq!(&rest[..2], &[0x88, 0x80 | 14]);
+    }
+
+    #[tokio::test]
+    async fn a_drain_waits_for_the_frame_in_flight_then_closes_both_sides_with_1001() {
+        let (client, mut client_peer) = tokio::io::duplex(64 * 1024);
+        let (upstream, mut upstream_peer) = tokio::io::duplex(64 * 1024);
+        let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(splice(client, upstream, BytesMut::new(), None, async move {
+            let _ = drain_rx.await;
+        }));
+        // The client is in the middle of a frame when the drain begins.
+        let message = frame(300, true);
+        let (first, rest) = message.split_at(100);
+        client_peer.write_all(first).await.unwrap();
+        let mut got = vec![0u8; first.len()];
+        upstream_peer.read_exact(&mut got).await.unwrap();
+        drain_tx.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!task.is_finished(), "closed in the middle of a frame");
+        client_peer.write_all(rest).await.unwrap();
+        let outcome = task.await.unwrap();
+        assert_eq!(outcome.end, End::Drained);
+        assert_eq!(outcome.client_to_upstream, message.len() as u64);
+        let mut up = Vec::new();
+        upstream_peer.read_to_end(&mut up).await.unwrap();
+        // The rest of the frame, then a masked close frame 1001 (the mask is random).
+        assert_eq!(&up[..rest.len()], rest);
+        let close = &up[rest.len()..];
+        assert_eq!(&close[..2], &[0x88, 0x80 | (2 + DRAIN_CLOSE_REASON.len() as u8)]);
+        let mut down = Vec::new();
+        client_peer.read_to_end(&mut down).await.unwrap();
+        assert_eq!(down, close_frame(GOING_AWAY, DRAIN_CLOSE_REASON, false));
+    }
+
+    #[tokio::test]
+    async fn sessions_are_counted_until_they_end() {
+        let sessions = std::sync::Arc::new(Sessions::default());
+        let a = sessions.track();
+        let b = sessions.track();
+        assert_eq!(sessions.live(), 2);
+        let waiter = tokio::spawn({
+            let sessions = sessions.clone();
+            async move { sessions.closed().await }
+        });
+        drop(a);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        let mut draining = b.draining.clone();
+        sessions.drain();
+        assert!(*draining.wait_for(|d| *d).await.unwrap());
+        drop(b);
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(sessions.live(), 0);
     }
 }
