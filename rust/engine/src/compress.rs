@@ -791,8 +791,9 @@ mod tests {
         assert_eq!(h.get(header::ETAG).unwrap(), "W/\"abc\"");
     }
 
-    /// Frames, with `None` standing for one `Pending` (woken at once).
-    struct Script(std::collections::VecDeque<Option<&'static [u8]>>);
+    /// Frames, with `None` standing for one `Pending` (woken at once), and the length the
+    /// body declares, if any (as one with Content-Length does).
+    struct Script(std::collections::VecDeque<Option<&'static [u8]>>, Option<u64>);
 
     impl Body for Script {
         type Data = Bytes;
@@ -814,6 +815,10 @@ mod tests {
 
         fn is_end_stream(&self) -> bool {
             self.0.is_empty()
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            self.1.map(SizeHint::with_exact).unwrap_or_default()
         }
     }
 
@@ -853,6 +858,7 @@ mod tests {
                     Some(b" then the rest"),
                 ]
                 .into(),
+                None,
             );
             let mut body = Compressed::new(script, encoding, &policy).unwrap();
             let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
@@ -876,29 +882,6 @@ mod tests {
                 b"first event then the rest",
                 "{encoding:?}"
             );
-        }
-    }
-
-    /// A [`Script`] that may declare its length, as a body with Content-Length does.
-    struct Declared(Script, Option<u64>);
-
-    impl Body for Declared {
-        type Data = Bytes;
-        type Error = std::io::Error;
-
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-            Pin::new(&mut self.0).poll_frame(cx)
-        }
-
-        fn is_end_stream(&self) -> bool {
-            self.0.is_end_stream()
-        }
-
-        fn size_hint(&self) -> SizeHint {
-            self.1.map(SizeHint::with_exact).unwrap_or_default()
         }
     }
 
@@ -930,9 +913,10 @@ mod tests {
             (1, Some(crate::deflate::MAX_INPUT as u64 + 1), false),
             (4, Some(whole.len() as u64), false),
         ] {
-            let script = Script([Some(parts[0]), None, Some(parts[1]), None, Some(parts[2])].into());
+            let frames = [Some(parts[0]), None, Some(parts[1]), None, Some(parts[2])];
+            let script = Script(frames.into(), declared);
             let policy = gzip_at(level);
-            let mut body = Compressed::new(Declared(script, declared), Encoding::Gzip, &policy).unwrap();
+            let mut body = Compressed::new(script, Encoding::Gzip, &policy).unwrap();
             let mut frames = Vec::new();
             while let Some(frame) = body.frame().await {
                 frames.push(frame.unwrap().into_data().unwrap());
