@@ -420,6 +420,7 @@ struct WholeGzip {
     /// The body while it arrives in a single frame (no copy), then its bytes so far.
     first: Option<Bytes>,
     rest: Vec<u8>,
+    /// Stays empty: nothing goes out before the end (what [`Encoder::output`] shows).
     out: Vec<u8>,
 }
 
