@@ -127,11 +127,9 @@ const LENGTHS: [(u32, u32); MAX_MATCH + 1] = {
         let base = LENGTH_BASE[s] as usize;
         let extra = LENGTH_EXTRA[s] as u32;
         let mut len = base;
-        // Length 258 has its own symbol (285); 227 + 31 must not take it.
+        // Symbol 284 reaches 258 (227 + 31), but 258 has its own symbol, 285, written last.
         while len < base + (1 << extra) && len <= MAX_MATCH {
-            if !(s == 27 && len == MAX_MATCH) {
-                t[len] = (code | ((len - base) as u32) << count, count + extra);
-            }
+            t[len] = (code | ((len - base) as u32) << count, count + extra);
             len += 1;
         }
         s += 1;

@@ -42,21 +42,11 @@ const COPY_BUF: usize = 16 * 1024;
 
 /// A worker's WebSocket sessions: told together when the worker drains, and counted so
 /// that it can wait for them.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Sessions {
     draining: tokio::sync::watch::Sender<bool>,
     live: AtomicU64,
     ended: tokio::sync::Notify,
-}
-
-impl Default for Sessions {
-    fn default() -> Self {
-        Sessions {
-            draining: tokio::sync::watch::Sender::new(false),
-            live: AtomicU64::new(0),
-            ended: tokio::sync::Notify::new(),
-        }
-    }
 }
 
 /// A session's place in [`Sessions`], given back when the session ends.
@@ -386,25 +376,18 @@ fn ms_since(base: Instant) -> u64 {
 }
 
 /// One direction's shared state: what it has copied, whether a write is under way, and
-/// whether what it has written ends between frames. The last two tell a close frame of the
+/// whether what it has written stops inside a frame. The last two tell a close frame of the
 /// gateway's whether it may go in now without cutting a frame.
 #[derive(Default)]
 struct Direction {
     count: AtomicU64,
     writing: AtomicBool,
-    between_frames: AtomicBool,
+    mid_frame: AtomicBool,
 }
 
 impl Direction {
-    fn new() -> Direction {
-        Direction {
-            between_frames: AtomicBool::new(true),
-            ..Direction::default()
-        }
-    }
-
     fn may_close(&self) -> bool {
-        !self.writing.load(Ordering::Relaxed) && self.between_frames.load(Ordering::Relaxed)
+        !self.writing.load(Ordering::Relaxed) && !self.mid_frame.load(Ordering::Relaxed)
     }
 }
 
@@ -425,7 +408,7 @@ where
     if let Some(data) = first.filter(|d| !d.is_empty()) {
         write_flush(writer, data, dir).await?;
         cursor.advance(data);
-        dir.between_frames.store(cursor.at_boundary(), Ordering::Relaxed);
+        dir.mid_frame.store(!cursor.at_boundary(), Ordering::Relaxed);
         dir.count.fetch_add(data.len() as u64, Ordering::Relaxed);
     }
     let mut buf = vec![0u8; COPY_BUF];
@@ -437,7 +420,7 @@ where
             return Ok(());
         }
         cursor.advance(&buf[..n]);
-        dir.between_frames.store(cursor.at_boundary(), Ordering::Relaxed);
+        dir.mid_frame.store(!cursor.at_boundary(), Ordering::Relaxed);
         write_flush(writer, &buf[..n], dir).await?;
         dir.count.fetch_add(n as u64, Ordering::Relaxed);
         last.store(ms_since(base), Ordering::Relaxed);
@@ -470,7 +453,7 @@ where
     let (mut upstream_r, mut upstream_w) = tokio::io::split(upstream);
     let base = Instant::now();
     let last = AtomicU64::new(0);
-    let (up, down) = (Direction::new(), Direction::new());
+    let (up, down) = (Direction::default(), Direction::default());
     let grace = Duration::from_secs(1);
     let end = {
         let up_pump = pump(&mut client_r, &mut upstream_w, None, &up, &last, base);
