@@ -159,6 +159,37 @@ def test_a_head_sent_byte_by_byte_is_cut_off_at_the_header_timeout(
         assert served(normal)
 
 
+def test_a_slow_head_on_a_kept_alive_connection_counts_from_its_first_byte(
+    gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    gw = gateway(
+        {
+            "timeouts": {"client_header": "1s", "client_idle": "30s"},
+            "routes": [{"paths": ["/*"], "upstream": upstream.url}],
+        },
+        workers=1,
+    )
+    with connect(gw) as conn:
+        assert served(conn)
+        # Idle for longer than the header timeout: that time is not the next head's.
+        time.sleep(1.3)
+        head = b"GET /x HTTP/1.1\r\nHost: gw.test\r\nX-Pad: " + b"a" * 40 + b"\r\n\r\n"
+        started = time.monotonic()
+        cut = None
+        for b in head:
+            try:
+                conn.sendall(bytes([b]))
+            except OSError:
+                cut = time.monotonic() - started
+                break
+            if closed_within(conn, 0.25):
+                cut = time.monotonic() - started
+                break
+        assert cut is not None, "the slow head was never cut off"
+        assert 0.7 < cut < 3.0, cut
+        assert upstream.count == 1
+
+
 def test_a_silent_connection_is_closed_at_the_header_timeout(
     gateway: GatewayFactory, upstream: Upstream
 ) -> None:

@@ -49,15 +49,16 @@ pub struct Call {
 
 impl Call {
     /// The call a request makes, if it is gRPC or gRPC-Web; None for anything else.
-    pub fn of(headers: &HeaderMap, arrived: Instant) -> Option<Call> {
+    pub fn of(headers: &HeaderMap) -> Option<Call> {
         let web = crate::grpc_web::Web::of(headers);
         if web.is_none() && !is_grpc(headers) {
             return None;
         }
+        // The clock is read for a call with a deadline only (every request asks).
         let deadline = headers
             .get(GRPC_TIMEOUT)
             .and_then(|v| parse_timeout(v.as_bytes()))
-            .and_then(|t| arrived.checked_add(t));
+            .and_then(|t| Instant::now().checked_add(t));
         Some(Call { web, deadline })
     }
 }

@@ -138,7 +138,7 @@ pub async fn serve(
                 read = rd.read_buf(&mut buf) => match read {
                     Ok(0) | Err(_) => return Outcome::Closed,
                     // The first head's clock started when the connection opened.
-                    Ok(_) if idle && !first => clock.head_started = Instant::now(),
+                    Ok(_) if idle && !first => clock.head_pending = true,
                     Ok(_) => {}
                 },
                 () = std::future::poll_fn(|cx| clock.poll_fired(cx)), if deadline.is_some() => {
@@ -458,6 +458,10 @@ struct Deadlines {
     idle_since: Instant,
     /// The first byte of the head being read.
     head_started: Instant,
+    /// The head's first bytes came in and `head_started` is not set yet: the clock is read
+    /// only if the head takes more than one read (a request whose head came whole costs
+    /// one clock read less).
+    head_pending: bool,
     sleep: Pin<Box<tokio::time::Sleep>>,
     armed: Option<Instant>,
     /// Whether the timer has been polled since it was last set: once it has, it holds the
@@ -474,6 +478,7 @@ impl Deadlines {
             header: some(settings.header),
             idle_since: opened,
             head_started: opened,
+            head_pending: false,
             sleep: Box::pin(tokio::time::sleep_until(opened)),
             armed: None,
             registered: false,
@@ -483,6 +488,10 @@ impl Deadlines {
     /// The deadline of the wait ahead (`idle`: no byte of the next head yet), with the
     /// timer set no later than it.
     fn deadline(&mut self, idle: bool) -> Option<Instant> {
+        if self.head_pending && !idle {
+            self.head_pending = false;
+            self.head_started = Instant::now();
+        }
         let waiting = self.idle.map(|d| self.idle_since + d);
         let head = self.header.map(|d| self.head_started + d);
         let deadline = match (waiting, head) {
@@ -529,6 +538,7 @@ impl Deadlines {
         let now = Instant::now();
         self.idle_since = now;
         self.head_started = now;
+        self.head_pending = false;
     }
 }
 

@@ -160,7 +160,7 @@ pub fn handle(
         };
         let (mut head, body) = req.into_parts();
         // A gRPC call gets gRPC answers, errors included; a gRPC-Web one goes upstream as gRPC.
-        let grpc = crate::grpc::Call::of(&head.headers, Instant::now());
+        let grpc = crate::grpc::Call::of(&head.headers);
         if let Some(call) = grpc {
             if let Some(web) = call.web {
                 web.to_grpc_request(&mut head.headers);
