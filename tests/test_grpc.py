@@ -227,9 +227,10 @@ def test_a_route_timeout_shorter_than_the_deadline_is_deadline_exceeded(
     elapsed = time.monotonic() - t0
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert 0.25 < elapsed < 2.0, elapsed
-    # the client's own deadline still went upstream, reduced by the time spent on the way
+    # the client's own deadline still went upstream (gRPC core rounds a timeout up to few
+    # digits when it encodes it: the client's 10 s may arrive as 10.1 s)
     (left,) = server.seen.deadlines
-    assert left is not None and left < 10
+    assert left is not None and 9 < left < 10.2
 
 
 PLUGINS_DIR = str(Path(__file__).parent / "grpc" / "plugins")

@@ -829,6 +829,8 @@ pub struct Origin<'a> {
     pub path: Option<String>,
     pub query: Option<&'a str>,
     pub preserve_host: bool,
+    /// For a refresh: it goes upstream with the fields the request would have taken.
+    pub forwarding: crate::forwarding::Forwarding,
 }
 
 pub enum Before {
@@ -1175,6 +1177,7 @@ fn refresh(origin: Origin<'_>, parts: &request::Parts, entry: Arc<Entry>, fill: 
     let mut copy = request::Request::new(());
     *copy.method_mut() = parts.method.clone();
     *copy.headers_mut() = parts.headers.clone();
+    origin.forwarding.apply(copy.headers_mut());
     let (mut copy, ()) = copy.into_parts();
     copy.uri = Uri::from(pq);
     if entry.has_validators() {

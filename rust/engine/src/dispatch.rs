@@ -11,6 +11,7 @@
 
 use crate::body::{BodyError, RequestBody, ResponseBody};
 use crate::error::{ErrorKind, GatewayError};
+use crate::forwarding::Forwarding;
 use crate::h1client::{ExchangeError, UpstreamBody};
 use crate::headers::{next_u64, X_REQUEST_ID};
 use crate::health::{ns_since_start, Outcome};
@@ -56,6 +57,7 @@ pub async fn dispatch(
 ) -> Result<Dispatched, GatewayError> {
     let started = Instant::now();
     let now = ns_since_start(started);
+    let forwarding = Forwarding::of(ctx);
     // `chosen`: the route's upstream, or the one its version rules / split picked.
     let mut upstream = &engine.upstreams[chosen];
     let mut key = hash_key(upstream, &parts.headers, ctx);
@@ -134,7 +136,7 @@ pub async fn dispatch(
         }
         let send = target
             .pool
-            .send_with(parts, body, &attempt_timeouts, attempt_start);
+            .send_with(parts, body, Some(&forwarding), &attempt_timeouts, attempt_start);
         let result = match total {
             None => send.await.map_err(Failed::Send),
             Some(deadline) => match tokio::time::timeout_at(deadline.into(), send).await {

@@ -4,7 +4,7 @@
 
 use crate::cluster_limits::ClusterLimits;
 use crate::config::{ConfigProblem, GatewayConfig, Limits};
-use crate::filters::{BodyLimit, ForwardedHeaders};
+use crate::filters::BodyLimit;
 use crate::ip_restriction::{IpRestriction, IpRules};
 use crate::limiter::{trusted_proxies, Limit};
 use crate::phase::Filter;
@@ -217,7 +217,6 @@ impl Engine {
         if config.limits.max_body_bytes > 0 {
             filters.push(Box::new(BodyLimit(config.limits.max_body_bytes)));
         }
-        filters.push(Box::new(ForwardedHeaders));
         if lifecycle.refuses() {
             filters.push(Box::new(crate::lifecycle::RefusedRoutes(lifecycle.clone())));
         }

@@ -1,12 +1,8 @@
 //! Built-in filters that every route runs.
 
 use crate::error::{ErrorKind, GatewayError};
-use crate::headers::{append_forwarded_for, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 use crate::phase::{Filter, RequestCtx};
 use http::{header, request, HeaderValue};
-
-/// X-Forwarded-For / -Proto / -Host and Via on the way upstream.
-pub struct ForwardedHeaders;
 
 static VIA_H1: HeaderValue = HeaderValue::from_static("1.1 ferrogate");
 static VIA_H2: HeaderValue = HeaderValue::from_static("2 ferrogate");
@@ -25,23 +21,6 @@ pub fn via_value(version: http::Version) -> HeaderValue {
         VIA_H2.clone()
     } else {
         VIA_H1.clone()
-    }
-}
-
-impl Filter for ForwardedHeaders {
-    fn name(&self) -> &'static str {
-        "forwarded-headers"
-    }
-
-    fn upstream_request(&self, ctx: &RequestCtx, req: &mut request::Parts) {
-        append_forwarded_for(&mut req.headers, &ctx.client_ip);
-        req.headers
-            .insert(&X_FORWARDED_PROTO, HeaderValue::from_static(ctx.scheme));
-        if let (header::Entry::Vacant(e), Some(h)) = (req.headers.entry(&X_FORWARDED_HOST), &ctx.host) {
-            e.insert(h.clone());
-        }
-        // req.version is still the client's here; it becomes HTTP/1.1 only on the wire upstream.
-        req.headers.append(header::VIA, via_value(req.version));
     }
 }
 

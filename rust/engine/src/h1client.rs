@@ -8,6 +8,7 @@
 //! zero-copy slices of it. See docs/benchmarks.md.
 
 use crate::body::{BodyError, RequestBody};
+use crate::forwarding::{write_fields, Forwarding};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{request, Method, Response, StatusCode, Version};
@@ -172,10 +173,11 @@ impl Conn {
         mut self,
         parts: &request::Parts,
         body: &mut RequestBody,
+        forwarding: Option<&Forwarding>,
         write_timeout: Option<Duration>,
         deadline: Option<(tokio::time::Instant, Duration)>,
     ) -> Result<(Response<()>, Framing, Self), ExchangeError> {
-        let chunked = self.write_head(parts, body);
+        let chunked = self.write_head(parts, body, forwarding);
         let (sent_body, answered_early) = match &mut self.stream {
             Stream::Plain(stream) => {
                 send_plain(stream, &self.out, body, chunked, write_timeout, deadline).await?
@@ -214,22 +216,20 @@ impl Conn {
     }
 
     /// Serialize the request head into `out`; returns whether the body goes chunked.
-    fn write_head(&mut self, parts: &request::Parts, body: &RequestBody) -> bool {
+    fn write_head(
+        &mut self,
+        parts: &request::Parts,
+        body: &RequestBody,
+        forwarding: Option<&Forwarding>,
+    ) -> bool {
         let out = &mut self.out;
         out.clear();
         out.extend_from_slice(parts.method.as_str().as_bytes());
         out.push(b' ');
         out.extend_from_slice(parts.uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
         out.extend_from_slice(b" HTTP/1.1\r\n");
-        for (name, value) in &parts.headers {
-            if name == header::CONTENT_LENGTH {
-                continue; // framing is ours to state, below
-            }
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
+        // Framing is ours to state, below.
+        write_fields(&parts.headers, forwarding, out);
         let chunked = match body.size_hint().exact() {
             Some(0) if body.is_end_stream() && !expects_body(&parts.method) => false,
             Some(n) => {

@@ -8,6 +8,7 @@
 //! response takes it back, and can then be sent again.
 
 use crate::body::{BodyError, RequestBody};
+use crate::forwarding::Forwarding;
 use crate::h1client::{ExchangeError, Stream};
 use crate::pool::{AttemptTimeouts, SendError};
 use crate::upstream_tls::TargetTls;
@@ -121,6 +122,7 @@ impl H2Conn {
         &self,
         parts: &request::Parts,
         body: &mut RequestBody,
+        forwarding: Option<&Forwarding>,
         timeouts: &AttemptTimeouts,
         started: Instant,
     ) -> Result<Response<hyper::body::Incoming>, SendError> {
@@ -142,7 +144,7 @@ impl H2Conn {
                 body,
                 RequestBody::moved(),
             )))));
-            let req = Request::from_parts(self.head(parts)?, shared.clone());
+            let req = Request::from_parts(self.head(parts, forwarding)?, shared.clone());
             let sent = sender.send_request(req);
             let result = match deadline {
                 None => sent.await.map_err(Some),
@@ -200,11 +202,18 @@ impl H2Conn {
 
     /// The request head for an h2 stream: an absolute URI (its authority from the Host
     /// that the request would have carried), no connection-specific fields.
-    fn head(&self, parts: &request::Parts) -> Result<request::Parts, SendError> {
+    fn head(
+        &self,
+        parts: &request::Parts,
+        forwarding: Option<&Forwarding>,
+    ) -> Result<request::Parts, SendError> {
         let mut head = Request::new(());
         *head.method_mut() = parts.method.clone();
         *head.version_mut() = Version::HTTP_2;
         let mut headers = parts.headers.clone();
+        if let Some(f) = forwarding {
+            f.apply(&mut headers);
+        }
         let authority = headers
             .remove(header::HOST)
             .and_then(|h| h.to_str().ok().map(str::to_owned))

@@ -22,6 +22,7 @@ pub mod echo;
 pub mod engine;
 pub mod error;
 pub mod filters;
+pub mod forwarding;
 pub mod framing;
 pub mod grpc;
 pub mod grpc_web;

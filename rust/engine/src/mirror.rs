@@ -8,6 +8,7 @@
 use crate::body::RequestBody;
 use crate::config::{ConfigProblem, MirrorConfig};
 use crate::engine::Engine;
+use crate::forwarding::Forwarding;
 use crate::headers::next_u64;
 use crate::health::now_ns;
 use crate::proxy::upstream_path_and_query;
@@ -56,6 +57,7 @@ impl Mirror {
 
     /// Send a copy of `parts` (prepared for the upstream, before its target is chosen) with
     /// `body` to the mirror upstream, without waiting for it.
+    #[allow(clippy::too_many_arguments)]
     pub fn spawn(
         &self,
         engine: Arc<Engine>,
@@ -64,12 +66,14 @@ impl Mirror {
         upstream_path: Option<String>,
         query: Option<&str>,
         preserve_host: bool,
+        forwarding: &Forwarding,
     ) {
         let upstream_index = self.upstream;
         let mut copy = request::Request::new(());
         *copy.method_mut() = parts.method.clone();
         *copy.version_mut() = parts.version;
         *copy.headers_mut() = parts.headers.clone();
+        forwarding.apply(copy.headers_mut());
         let (mut copy, ()) = copy.into_parts();
         let upstream = &engine.upstreams[upstream_index];
         let Ok(pq) = upstream_path_and_query(upstream, &parts.uri, upstream_path, query) else {

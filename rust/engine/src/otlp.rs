@@ -146,7 +146,7 @@ impl Exporter {
         let exchange = async {
             let resp = self
                 .pool
-                .send_with(&parts, &mut body, &timeouts, Instant::now())
+                .send_with(&parts, &mut body, None, &timeouts, Instant::now())
                 .await
                 .map_err(|e| match e {
                     SendError::Connect(io) => format!("cannot connect: {io}"),

@@ -35,6 +35,8 @@ pub struct RequestCtx {
     pub host: Option<HeaderValue>,
     /// "http" or "https"; the scheme the client used.
     pub scheme: &'static str,
+    /// The client's HTTP version (the request goes upstream as HTTP/1.1 or HTTP/2 anyway).
+    pub version: http::Version,
     /// Set after routing when the route has plugins.
     pub plugins: Option<PluginRun>,
     /// Who the request is from, once an authentication plugin has said so.

@@ -6,6 +6,7 @@
 //! request's task does their I/O.
 
 use crate::body::RequestBody;
+use crate::forwarding::Forwarding;
 use crate::h1client::{Conn, ExchangeError, Recycle, UpstreamBody};
 use crate::upstream_tls::TargetTls;
 use http::{request, Method, Response};
@@ -185,7 +186,7 @@ impl ConnPool {
             write: None,
             read: None,
         };
-        self.send_with(parts, body, &timeouts, Instant::now()).await
+        self.send_with(parts, body, None, &timeouts, Instant::now()).await
     }
 
     /// [`send`] with the attempt's own timeouts; `started` is when the attempt began (the
@@ -196,11 +197,12 @@ impl ConnPool {
         self: &Arc<Self>,
         parts: &request::Parts,
         body: &mut RequestBody,
+        forwarding: Option<&Forwarding>,
         timeouts: &AttemptTimeouts,
         started: Instant,
     ) -> Result<Response<UpstreamBody>, SendError> {
         if let Some(h2) = &self.h2 {
-            let resp = h2.send(parts, body, timeouts, started).await?;
+            let resp = h2.send(parts, body, forwarding, timeouts, started).await?;
             return Ok(resp.map(UpstreamBody::h2));
         }
         let mut deadline = timeouts.read.map(|r| ((started + r).into(), r));
@@ -213,7 +215,10 @@ impl ConnPool {
                     (conn, false)
                 }
             };
-            match conn.exchange(parts, body, timeouts.write, deadline).await {
+            match conn
+                .exchange(parts, body, forwarding, timeouts.write, deadline)
+                .await
+            {
                 Ok((resp, framing, conn)) => {
                     let home: Arc<dyn Recycle> = self.clone();
                     return Ok(resp.map(|()| UpstreamBody::new(conn, framing, home, timeouts.read)));

@@ -313,7 +313,7 @@ async fn probe(address: &str, tls: Option<&TargetTls>, s: &ProbeSettings) -> Res
         let (parts, ()) = req.into_parts();
         let mut body = RequestBody::buffered(Bytes::new());
         let (resp, _, _) = conn
-            .exchange(&parts, &mut body, Some(s.timeout), None)
+            .exchange(&parts, &mut body, None, Some(s.timeout), None)
             .await
             .map_err(|e| e.to_string())?;
         Ok(resp.status().as_u16())

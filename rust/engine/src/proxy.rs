@@ -137,6 +137,7 @@ pub fn handle(
                 route: None,
                 host: None,
                 scheme,
+                version: req.version(),
                 plugins: None,
                 consumer,
                 credential,
@@ -571,6 +572,7 @@ fn forward<'a>(
                 path: upstream_path.clone(),
                 query: query_override.as_deref(),
                 preserve_host: route.preserve_host,
+                forwarding: crate::forwarding::Forwarding::of(ctx),
             };
             match Box::pin(crate::cache::before(&engine.cache, rc, ctx, &mut parts, origin)).await {
                 crate::cache::Before::Respond(resp) => return Ok(resp),
@@ -599,6 +601,7 @@ fn forward<'a>(
                     path,
                     query_override.as_deref(),
                     route.preserve_host,
+                    &crate::forwarding::Forwarding::of(ctx),
                 );
             }
         }
