@@ -553,7 +553,6 @@ fn forward<'a>(
         if ctx.websocket.is_some() {
             crate::websocket::upstream_headers(&mut parts.headers);
         }
-        parts.headers.insert(&X_REQUEST_ID, ctx.request_id.clone());
         if let Some(trace) = &ctx.trace {
             trace.inject(&mut parts.headers);
         }
@@ -822,7 +821,6 @@ async fn fall_back(
         parts.method = attempt.method.clone().unwrap_or_else(|| head.method.clone());
         parts.version = head.version;
         parts.headers = attempt.headers.clone();
-        parts.headers.insert(&X_REQUEST_ID, ctx.request_id.clone());
         if let Some(trace) = &ctx.trace {
             trace.inject(&mut parts.headers);
         }
