@@ -9,6 +9,7 @@
 
 use crate::body::{BodyError, RequestBody};
 use crate::forwarding::{write_fields, Forwarding};
+use crate::headers::{NameMemo, RESPONSE_NAMES};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{request, Method, Response, StatusCode, Version};
@@ -666,8 +667,10 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Exc
     let mut spans: SmallVec<[(HeaderName, usize, usize); 16]> = SmallVec::new();
     let (mut length, mut chunked, mut te) = (None, false, false);
     let mut keep_alive = !http10;
-    for h in resp.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
+    let mut names = NameMemo::take(&RESPONSE_NAMES);
+    for (i, h) in resp.headers.iter().enumerate() {
+        let name = names
+            .name(i, h.name.as_bytes())
             .map_err(|_| ExchangeError::Protocol(format!("bad header name {:?}", h.name)))?;
         if name == header::CONTENT_LENGTH {
             let v = std::str::from_utf8(h.value)
@@ -706,6 +709,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Exc
         let start = h.value.as_ptr() as usize - base;
         spans.push((name, start, start + h.value.len()));
     }
+    names.put(&RESPONSE_NAMES);
     let head = buf.split_to(len).freeze();
     // With room for the request id and Via that the gateway adds.
     let mut headers = crate::headers::header_map(spans.len() + 2);
@@ -1054,6 +1058,76 @@ mod tests {
             Ok(Some(Parsed::Final(_, f))) => f,
             _ => panic!("no final head"),
         }
+    }
+
+    fn names_and_values(raw: &[u8]) -> Vec<(String, String)> {
+        match head(raw, Method::GET) {
+            Ok(Some(Parsed::Final(resp, _))) => resp
+                .headers()
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string()))
+                .collect(),
+            other => panic!("no final head: {:?}", other.err()),
+        }
+    }
+
+    #[test]
+    fn remembered_names_follow_each_head() {
+        // Same names (in another case), then others at the same places, then fewer, then more.
+        let heads: [&[u8]; 5] = [
+            b"HTTP/1.1 200 OK\r\nServer: a\r\nContent-Type: text/plain\r\nX-Custom: 1\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nSERVER: b\r\ncontent-type: text/html\r\nx-custom: 2\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nDate: c\r\nX-Other: 3\r\nServer: d\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nDate: e\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nDate: f\r\nX-Other: 4\r\nX-Third: 5\r\nVary: g\r\nContent-Length: 0\r\n\r\n",
+        ];
+        let expected: [&[(&str, &str)]; 5] = [
+            &[
+                ("server", "a"),
+                ("content-type", "text/plain"),
+                ("x-custom", "1"),
+                ("content-length", "0"),
+            ],
+            &[
+                ("server", "b"),
+                ("content-type", "text/html"),
+                ("x-custom", "2"),
+                ("content-length", "0"),
+            ],
+            &[
+                ("date", "c"),
+                ("x-other", "3"),
+                ("server", "d"),
+                ("content-length", "0"),
+            ],
+            &[("date", "e")],
+            &[
+                ("date", "f"),
+                ("x-other", "4"),
+                ("x-third", "5"),
+                ("vary", "g"),
+                ("content-length", "0"),
+            ],
+        ];
+        for _ in 0..2 {
+            for (raw, want) in heads.iter().zip(expected) {
+                let mut got = names_and_values(raw);
+                got.sort();
+                let mut want: Vec<(String, String)> =
+                    want.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
+                want.sort();
+                assert_eq!(got, want);
+            }
+        }
+        // A malformed name is still refused where a valid one was remembered.
+        assert!(head(b"HTTP/1.1 200 OK\r\nDate: f\r\nX-Other: 4\r\n\r\n", Method::GET).is_ok());
+        assert!(matches!(
+            head(
+                b"HTTP/1.1 200 OK\r\nDate: f\r\nX-Oth\xe9r: 4\r\n\r\n",
+                Method::GET
+            ),
+            Err(ExchangeError::Protocol(_))
+        ));
     }
 
     #[test]

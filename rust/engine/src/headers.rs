@@ -61,6 +61,57 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name) || name == KEEP_ALIVE || name == PROXY_CONNECTION
 }
 
+/// The field names of the last upstream response head that a thread parsed, in order, as
+/// written and as parsed. An upstream sends the same names in the same order response after
+/// response: a name found at its place again is reused instead of parsed
+/// (`HeaderName::from_bytes` validates, lowercases and looks up every name, and allocates
+/// the ones `http` does not know: about 100 instructions a field, callgrind). The
+/// comparison is exact: a case-blind one cost as much as the parse. Not used for client
+/// requests: a benchmark client's single Host field cost more through the memo than
+/// parsed, and one thread's clients need not be alike.
+#[derive(Default)]
+pub struct NameMemo(Vec<(Vec<u8>, HeaderName)>);
+
+/// At most this many names are remembered (a head has a dozen or so).
+const NAME_MEMO_MAX: usize = 32;
+
+thread_local! {
+    pub static RESPONSE_NAMES: Cell<NameMemo> = const { Cell::new(NameMemo(Vec::new())) };
+}
+
+impl NameMemo {
+    /// The thread's memo in `slot` (an empty one until it is put back).
+    pub fn take(slot: &'static std::thread::LocalKey<Cell<NameMemo>>) -> NameMemo {
+        slot.with(Cell::take)
+    }
+
+    pub fn put(self, slot: &'static std::thread::LocalKey<Cell<NameMemo>>) {
+        slot.with(|s| s.set(self));
+    }
+
+    /// The name of a head's `i`th field, `raw` as written; remembered for the next head.
+    #[inline(always)]
+    pub fn name(&mut self, i: usize, raw: &[u8]) -> Result<HeaderName, header::InvalidHeaderName> {
+        if let Some((known, name)) = self.0.get(i) {
+            if known.as_slice() == raw {
+                return Ok(name.clone());
+            }
+        }
+        self.parse(i, raw)
+    }
+
+    #[inline(never)]
+    fn parse(&mut self, i: usize, raw: &[u8]) -> Result<HeaderName, header::InvalidHeaderName> {
+        let name = HeaderName::from_bytes(raw)?;
+        if i < self.0.len() {
+            self.0[i] = (raw.to_vec(), name.clone());
+        } else if i == self.0.len() && i < NAME_MEMO_MAX {
+            self.0.push((raw.to_vec(), name.clone()));
+        }
+        Ok(name)
+    }
+}
+
 /// Append the client address to X-Forwarded-For, keeping what earlier proxies wrote.
 pub fn append_forwarded_for(headers: &mut HeaderMap, client_ip: &HeaderValue) {
     match headers.entry(&X_FORWARDED_FOR) {
@@ -156,6 +207,37 @@ pub fn new_request_id() -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remembered_names_are_reused_only_where_they_match_exactly() {
+        let mut memo = NameMemo::default();
+        let first = ["Host", "X-Custom", "Accept"];
+        for (i, raw) in first.iter().enumerate() {
+            assert_eq!(
+                memo.name(i, raw.as_bytes()).unwrap(),
+                raw.to_ascii_lowercase().as_str()
+            );
+        }
+        // Same place, same bytes: the remembered name (a custom one shares its memory).
+        let again = memo.name(1, b"X-Custom").unwrap();
+        assert_eq!(again, "x-custom");
+        assert_eq!(again.as_str().as_ptr(), memo.0[1].1.as_str().as_ptr());
+        // Another case or another name at a place: parsed, and remembered from then on.
+        assert_eq!(memo.name(1, b"x-custom").unwrap(), "x-custom");
+        assert_eq!(memo.0[1].0, b"x-custom");
+        assert_eq!(memo.name(0, b"Accept").unwrap(), "accept");
+        assert_eq!(memo.name(2, b"Host").unwrap(), "host");
+        // Past the end: appended in order; a gap is parsed but not remembered.
+        assert_eq!(memo.name(3, b"Date").unwrap(), "date");
+        assert_eq!(memo.name(5, b"Vary").unwrap(), "vary");
+        assert_eq!(memo.0.len(), 4);
+        assert!(memo.name(6, b"Bad Name").is_err());
+        // Bounded.
+        for i in 4..100 {
+            memo.name(i, format!("x-f{i}").as_bytes()).unwrap();
+        }
+        assert_eq!(memo.0.len(), NAME_MEMO_MAX);
+    }
 
     #[test]
     fn strips_standard_and_connection_named_headers() {
