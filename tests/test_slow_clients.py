@@ -123,6 +123,22 @@ def test_one_address_cannot_hold_more_connections_than_the_limit(
             time.sleep(0.05)
 
 
+SLOW_HEAD = b"GET /x HTTP/1.1\r\nHost: gw.test\r\nX-Pad: " + b"a" * 40 + b"\r\n\r\n"
+
+
+def cut_off_after(s: socket.socket, started: float) -> float | None:
+    """Send a head byte by byte, 0.25 s apart; the seconds from ``started`` until the server
+    closed the connection, or None if it never did."""
+    for b in SLOW_HEAD:
+        try:
+            s.sendall(bytes([b]))
+        except OSError:
+            return time.monotonic() - started
+        if closed_within(s, 0.25):
+            return time.monotonic() - started
+    return None
+
+
 def test_a_head_sent_byte_by_byte_is_cut_off_at_the_header_timeout(
     gateway: GatewayFactory, upstream: Upstream
 ) -> None:
@@ -138,17 +154,7 @@ def test_a_head_sent_byte_by_byte_is_cut_off_at_the_header_timeout(
     started = time.monotonic()
     slow = connect(gw)
     with slow, normal:
-        cut = None
-        head = b"GET /x HTTP/1.1\r\nHost: gw.test\r\nX-Pad: " + b"a" * 40 + b"\r\n\r\n"
-        for b in head:
-            try:
-                slow.sendall(bytes([b]))
-            except OSError:
-                cut = time.monotonic() - started
-                break
-            if closed_within(slow, 0.25):
-                cut = time.monotonic() - started
-                break
+        cut = cut_off_after(slow, started)
         assert cut is not None, "the slow head was never cut off"
         # The deadline counts from the connection's opening: about 1s, not 1s of silence.
         assert 0.7 < cut < 3.0, cut
@@ -173,18 +179,7 @@ def test_a_slow_head_on_a_kept_alive_connection_counts_from_its_first_byte(
         assert served(conn)
         # Idle for longer than the header timeout: that time is not the next head's.
         time.sleep(1.3)
-        head = b"GET /x HTTP/1.1\r\nHost: gw.test\r\nX-Pad: " + b"a" * 40 + b"\r\n\r\n"
-        started = time.monotonic()
-        cut = None
-        for b in head:
-            try:
-                conn.sendall(bytes([b]))
-            except OSError:
-                cut = time.monotonic() - started
-                break
-            if closed_within(conn, 0.25):
-                cut = time.monotonic() - started
-                break
+        cut = cut_off_after(conn, time.monotonic())
         assert cut is not None, "the slow head was never cut off"
         assert 0.7 < cut < 3.0, cut
         assert upstream.count == 1
