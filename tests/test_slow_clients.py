@@ -139,16 +139,21 @@ def cut_off_after(s: socket.socket, started: float) -> float | None:
     return None
 
 
-def test_a_head_sent_byte_by_byte_is_cut_off_at_the_header_timeout(
-    gateway: GatewayFactory, upstream: Upstream
-) -> None:
-    gw = gateway(
+def header_timeout_gateway(gateway: GatewayFactory, upstream: Upstream) -> Gateway:
+    """One worker with a 1 s header timeout and a 30 s idle timeout."""
+    return gateway(
         {
             "timeouts": {"client_header": "1s", "client_idle": "30s"},
             "routes": [{"paths": ["/*"], "upstream": upstream.url}],
         },
         workers=1,
     )
+
+
+def test_a_head_sent_byte_by_byte_is_cut_off_at_the_header_timeout(
+    gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    gw = header_timeout_gateway(gateway, upstream)
     normal = connect(gw)
     assert served(normal)
     started = time.monotonic()
@@ -168,13 +173,7 @@ def test_a_head_sent_byte_by_byte_is_cut_off_at_the_header_timeout(
 def test_a_slow_head_on_a_kept_alive_connection_counts_from_its_first_byte(
     gateway: GatewayFactory, upstream: Upstream
 ) -> None:
-    gw = gateway(
-        {
-            "timeouts": {"client_header": "1s", "client_idle": "30s"},
-            "routes": [{"paths": ["/*"], "upstream": upstream.url}],
-        },
-        workers=1,
-    )
+    gw = header_timeout_gateway(gateway, upstream)
     with connect(gw) as conn:
         assert served(conn)
         # Idle for longer than the header timeout: that time is not the next head's.
