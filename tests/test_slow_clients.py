@@ -4,10 +4,15 @@ request body stall timeout; ordinary clients are not hurt by any of them."""
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+import h2.config
+import h2.connection
+import h2.events
+import httpx
 import pytest
 
 from gateway import Gateway, GatewayFactory
@@ -235,3 +240,170 @@ def test_a_stalled_body_is_cut_off_and_a_slow_steady_one_is_not(
         assert closed_within(stalled, 5)
         assert 0.7 < time.monotonic() - started < 3.5
     assert upstream.count == 1
+
+
+# HTTP/2 clients are held to the same timeouts: hyper keeps none of them for HTTP/2.
+
+
+class H2Client:
+    """A raw HTTP/2 client (h2c with prior knowledge) that shows what the gateway sends."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.sock = connect(gw)
+        self.conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        )
+        self.conn.initiate_connection()
+        self.flush()
+        self.events: list[h2.events.Event] = []
+
+    def flush(self) -> None:
+        self.sock.sendall(self.conn.data_to_send())
+
+    def request(self, method: str, path: str, body: bytes = b"", end: bool = True) -> int:
+        sid = self.conn.get_next_available_stream_id()
+        headers = [(":method", method), (":path", path), (":scheme", "http")]
+        headers += [(":authority", "gw.test")]
+        if body or not end:
+            headers.append(("content-length", "12"))
+        self.conn.send_headers(sid, headers, end_stream=end and not body)
+        if body:
+            self.conn.send_data(sid, body, end_stream=end)
+        self.flush()
+        return sid
+
+    def read_until(self, done: Callable[[h2.events.Event], bool], seconds: float) -> bool:
+        """Read (answering pings) until an event ``done`` accepts; False at EOF or timeout."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                return False
+            if not data:
+                return False
+            for event in self.conn.receive_data(data):
+                self.events.append(event)
+                if done(event):
+                    return True
+            self.flush()
+        return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+GOAWAY = 0x7
+
+
+def read_to_end(s: socket.socket, seconds: float) -> bytes | None:
+    """All that arrives on ``s`` until the server closes it; None if it does not in time."""
+    data = b""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        s.settimeout(left)
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            return data
+        except TimeoutError:
+            return None
+        if not chunk:
+            return data
+        data += chunk
+    return None
+
+
+def frame_types(data: bytes) -> list[int]:
+    """The types of the HTTP/2 frames in ``data`` (9-byte headers: length, type, ...)."""
+    types = []
+    while len(data) >= 9:
+        length = int.from_bytes(data[:3], "big")
+        types.append(data[3])
+        data = data[9 + length :]
+    return types
+
+
+@pytest.fixture
+def h2_idle_gateway(gateway: GatewayFactory, upstream: Upstream) -> Gateway:
+    return gateway(
+        {
+            "timeouts": {"client_idle": "1s", "client_body": "1s"},
+            "routes": [{"paths": ["/*"], "upstream": upstream.url}],
+        },
+        workers=1,
+    )
+
+
+def test_an_idle_http2_connection_is_closed_after_its_last_stream(
+    h2_idle_gateway: Gateway,
+) -> None:
+    client = H2Client(h2_idle_gateway)
+    try:
+        client.request("GET", "/first")
+        assert client.read_until(lambda e: isinstance(e, h2.events.StreamEnded), 5)
+        answered = time.monotonic()
+        status = next(e for e in client.events if isinstance(e, h2.events.ResponseReceived))
+        assert dict(status.headers)[":status"] == "200"
+        # Idle from here: a GOAWAY, then the connection closes.
+        rest = read_to_end(client.sock, 5)
+        assert rest is not None, "the idle connection was not closed"
+        assert 0.7 < time.monotonic() - answered < 3.5
+        assert GOAWAY in frame_types(rest)
+    finally:
+        client.close()
+
+
+def test_a_silent_http2_client_is_dropped_at_the_idle_timeout(h2_idle_gateway: Gateway) -> None:
+    # The preface, then nothing: not even an answer to the gateway's ping.
+    with connect(h2_idle_gateway) as silent:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        silent.sendall(conn.data_to_send())
+        started = time.monotonic()
+        assert closed_within(silent, 6)
+        assert 0.7 < time.monotonic() - started < 4.0
+
+
+def test_an_http2_stream_in_flight_outlives_the_idle_timeout(
+    h2_idle_gateway: Gateway, upstream: Upstream
+) -> None:
+    with httpx.Client(http1=False, http2=True, base_url=h2_idle_gateway.url, timeout=15) as c:
+        slow = c.get("/slow", headers={"X-Up-Sleep": "2.5"})
+        assert slow.status_code == 200
+        assert slow.http_version == "HTTP/2"
+        # the same connection still serves within the idle time
+        assert c.get("/next").status_code == 200
+    assert upstream.count == 2
+
+
+def test_a_stalled_http2_request_body_is_cut_off(
+    h2_idle_gateway: Gateway, upstream: Upstream
+) -> None:
+    client = H2Client(h2_idle_gateway)
+    try:
+        sid = client.request("POST", "/up", b"abc", end=False)
+        started = time.monotonic()
+
+        def answered(e: h2.events.Event) -> bool:
+            return isinstance(e, h2.events.StreamEnded | h2.events.StreamReset) and (
+                e.stream_id == sid
+            )
+
+        assert client.read_until(answered, 5)
+        assert 0.7 < time.monotonic() - started < 3.5
+        (head,) = [e for e in client.events if isinstance(e, h2.events.ResponseReceived)]
+        assert dict(head.headers)[":status"] == "408"
+        body = b"".join(e.data for e in client.events if isinstance(e, h2.events.DataReceived))
+        error = json.loads(body)["error"]
+        assert error["code"] == "request_timeout"
+        assert "client_body" in error["message"]
+        # the connection's other streams go on
+        client.request("GET", "/after")
+        assert client.read_until(lambda e: isinstance(e, h2.events.StreamEnded), 5)
+        heads = [e for e in client.events if isinstance(e, h2.events.ResponseReceived)]
+        assert dict(heads[-1].headers)[":status"] == "200"
+    finally:
+        client.close()
+    assert [r.path for r in upstream.requests] == ["/after"]

@@ -389,6 +389,26 @@ def test_websocket_over_http2_extended_connect(
     assert (session.close_code, session.close_reason) == (4003, "h2 done")
 
 
+def test_an_http2_websocket_session_is_not_an_idle_connection(
+    gateway: GatewayFactory, ws_upstream: WsUpstream
+) -> None:
+    # The connection's idle timeout counts only while no stream is open: the session's
+    # stream stays open however long its silences (its own limit is `websocket_idle`).
+    cfg = config(ws_upstream)
+    cfg["timeouts"] = {"client_idle": "1s"}
+    gw = gateway(cfg, workers=1)
+    sock, conn, stream, status = h2_extended_connect(gw.port, "/echo/quiet")
+    with sock:
+        assert status == 200
+        time.sleep(2.5)
+        frame = Frame(Opcode.TEXT, b"still here")
+        conn.send_data(stream, frame.serialize(mask=True, extensions=[]))
+        sock.sendall(conn.data_to_send())
+        echoed = h2_read_frame(sock, conn, stream)
+        assert echoed[0] == 0x81 and echoed[2:] == b"still here"
+    assert ws_upstream.wait_session().received == ["still here"]
+
+
 def test_extended_connect_on_a_route_without_websocket_is_refused(
     gateway: GatewayFactory, ws_upstream: WsUpstream
 ) -> None:

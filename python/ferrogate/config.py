@@ -178,7 +178,11 @@ class Timeouts(_Section, kw_only=True, frozen=True):
         ),
     ] = 0.0
     client_idle: Annotated[
-        Duration, Meta(description="Idle keep-alive client connections are closed after this.")
+        Duration,
+        Meta(
+            description="Idle keep-alive client connections (on HTTP/2: with no stream open) "
+            "are closed after this."
+        ),
     ] = 60.0
     client_header: Annotated[
         Duration,

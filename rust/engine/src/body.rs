@@ -18,6 +18,85 @@ pub enum InboundBody {
     Hyper(hyper::body::Incoming),
     Empty,
     Sized(crate::h1server::SizedBody),
+    /// An HTTP/2 stream's body, with the `client_body` stall timeout: one stream's reads
+    /// cannot be timed at the connection, which carries the other streams too.
+    Stream(Box<(hyper::body::Incoming, StallTimer)>),
+}
+
+impl InboundBody {
+    /// A stream's body that fails once a read waits longer than `stall` (zero: no limit).
+    pub fn stream(body: hyper::body::Incoming, stall: std::time::Duration) -> Self {
+        if body.is_end_stream() || stall.is_zero() {
+            return InboundBody::Hyper(body);
+        }
+        InboundBody::Stream(Box::new((body, StallTimer::new(stall))))
+    }
+}
+
+/// How long a body read has waited for data, against a limit (`timeouts.client_body`).
+#[derive(Debug)]
+pub struct StallTimer {
+    limit: Option<std::time::Duration>,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    waiting: bool,
+}
+
+impl StallTimer {
+    /// A zero `limit` never fires.
+    pub fn new(limit: std::time::Duration) -> Self {
+        StallTimer {
+            limit: (!limit.is_zero()).then_some(limit),
+            timer: None,
+            waiting: false,
+        }
+    }
+
+    /// The read waits for data: true once it has waited longer than the limit. The timer
+    /// starts at the first wait after data (one allocation per body, reset after that).
+    pub fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(limit) = self.limit else {
+            return false;
+        };
+        if !self.waiting {
+            self.waiting = true;
+            let deadline = tokio::time::Instant::now() + limit;
+            match &mut self.timer {
+                Some(t) => t.as_mut().reset(deadline),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        self.timer
+            .as_mut()
+            .is_some_and(|t| std::future::Future::poll(t.as_mut(), cx).is_ready())
+    }
+
+    /// Data came: the next wait starts a new count.
+    pub fn moved(&mut self) {
+        self.waiting = false;
+    }
+}
+
+/// The error of a body whose client stopped sending for longer than `client_body`.
+fn stalled_error() -> BoxError {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "the request body stalled beyond the client_body timeout",
+    )
+    .into()
+}
+
+/// The client's answer when its request body could not be read: 408 when it stalled
+/// (as nginx answers its `client_body_timeout`), 400 when its framing was broken.
+#[cold]
+pub fn read_failed(e: &(dyn std::error::Error + 'static)) -> crate::error::GatewayError {
+    use crate::error::{ErrorKind, GatewayError};
+    let stalled = e
+        .downcast_ref::<std::io::Error>()
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
+    if stalled {
+        return GatewayError::new(ErrorKind::RequestTimeout, e.to_string());
+    }
+    GatewayError::new(ErrorKind::BadRequest, format!("malformed request body: {e}"))
 }
 
 /// A body read error, whichever server read it.
@@ -35,6 +114,17 @@ impl Body for InboundBody {
             InboundBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             InboundBody::Empty => Poll::Ready(None),
             InboundBody::Sized(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            InboundBody::Stream(s) => {
+                let (body, stall) = &mut **s;
+                match Pin::new(body).poll_frame(cx) {
+                    Poll::Pending if stall.stalled(cx) => Poll::Ready(Some(Err(stalled_error()))),
+                    Poll::Pending => Poll::Pending,
+                    ready => {
+                        stall.moved();
+                        ready.map_err(Into::into)
+                    }
+                }
+            }
         }
     }
 
@@ -43,6 +133,7 @@ impl Body for InboundBody {
             InboundBody::Hyper(b) => b.is_end_stream(),
             InboundBody::Empty => true,
             InboundBody::Sized(b) => b.is_end_stream(),
+            InboundBody::Stream(s) => s.0.is_end_stream(),
         }
     }
 
@@ -51,6 +142,7 @@ impl Body for InboundBody {
             InboundBody::Hyper(b) => b.size_hint(),
             InboundBody::Empty => SizeHint::with_exact(0),
             InboundBody::Sized(b) => b.size_hint(),
+            InboundBody::Stream(s) => s.0.size_hint(),
         }
     }
 }

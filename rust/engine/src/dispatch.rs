@@ -341,7 +341,7 @@ fn send_error(
             GatewayError::new(ErrorKind::BodyTooLarge, "request body is above the limit")
         }
         Failed::Send(SendError::Exchange(ExchangeError::Body(BodyError::Malformed(m)))) => {
-            GatewayError::new(ErrorKind::BadRequest, format!("malformed request body: {m}"))
+            crate::body::read_failed(&**m)
         }
         Failed::Send(SendError::Exchange(ExchangeError::Io { error, .. }))
             if error.kind() == std::io::ErrorKind::TimedOut =>

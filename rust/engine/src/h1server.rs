@@ -15,7 +15,7 @@
 //! guard as before. The switch happens at a request boundary, so no request is served by
 //! both.
 
-use crate::body::InboundBody;
+use crate::body::{InboundBody, StallTimer};
 use crate::proxy::{self, ProxyBody, Worker};
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
@@ -303,10 +303,8 @@ pub struct SizedBody {
     from: Option<(OwnedReadHalf, Arc<Mutex<Option<Lent>>>)>,
     buf: BytesMut,
     size: usize,
-    /// The longest a read may wait (`timeouts.client_body`), and its timer once one did.
-    stall: Option<Duration>,
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    waiting: bool,
+    /// The longest a read may wait (`timeouts.client_body`).
+    stall: StallTimer,
 }
 
 impl SizedBody {
@@ -322,9 +320,7 @@ impl SizedBody {
             from,
             buf: BytesMut::new(),
             size: 16 * 1024,
-            stall: (!stall.is_zero()).then_some(stall),
-            timer: None,
-            waiting: false,
+            stall: StallTimer::new(stall),
         }
     }
 
@@ -335,24 +331,6 @@ impl SizedBody {
                 *slot = Some((rd, self.left));
             }
         }
-    }
-
-    /// The read waits for data: true once it has waited longer than `stall`.
-    fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(stall) = self.stall else {
-            return false;
-        };
-        if !self.waiting {
-            self.waiting = true;
-            let deadline = Instant::now() + stall;
-            match &mut self.timer {
-                Some(t) => t.as_mut().reset(deadline),
-                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
-            }
-        }
-        self.timer
-            .as_mut()
-            .is_some_and(|t| t.as_mut().poll(cx).is_ready())
     }
 }
 
@@ -397,7 +375,7 @@ impl Body for SizedBody {
         this.buf.reserve(want);
         match poll_read_buf(rd, &mut this.buf, want, cx) {
             Poll::Pending => {
-                if this.stalled(cx) {
+                if this.stall.stalled(cx) {
                     this.from = None; // the connection closes after the response
                     let e = io::Error::new(
                         io::ErrorKind::TimedOut,
@@ -418,7 +396,7 @@ impl Body for SizedBody {
                 ))))
             }
             Poll::Ready(Ok(n)) => {
-                this.waiting = false;
+                this.stall.moved();
                 this.left -= n as u64;
                 if n == want && this.size < BODY_READ {
                     this.size *= 2;

@@ -29,6 +29,7 @@ pub mod grpc_web;
 pub mod h1client;
 pub mod h1server;
 pub mod h2client;
+pub mod h2server;
 pub mod head_limits;
 pub mod headers;
 pub mod health;

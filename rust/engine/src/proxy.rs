@@ -1187,10 +1187,7 @@ async fn read_whole_body(body: InboundBody, cap: u64, upstream: &Upstream) -> Re
             ErrorKind::BodyTooLarge,
             format!("request body is above the limit of {cap} bytes"),
         )),
-        Ok(Err(e)) => Err(GatewayError::new(
-            ErrorKind::BadRequest,
-            format!("malformed request body: {e}"),
-        )),
+        Ok(Err(e)) => Err(crate::body::read_failed(&*e)),
     }
 }
 
@@ -1231,10 +1228,7 @@ async fn read_first_chunk(
         )),
         Ok(None) => Ok((body, None)),
         Ok(Some(Ok(frame))) => Ok((body, Some(frame))),
-        Ok(Some(Err(e))) => Err(GatewayError::new(
-            ErrorKind::BadRequest,
-            format!("malformed request body: {e}"),
-        )),
+        Ok(Some(Err(e))) => Err(crate::body::read_failed(&*e)),
     }
 }
 

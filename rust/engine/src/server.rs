@@ -9,6 +9,7 @@ use crate::engine::Engine;
 use crate::filters::client_ip_value;
 use crate::framing::{FramingGuard, FramingRecord};
 use crate::h1server::{self, Outcome, Rewind};
+use crate::h2server;
 use crate::plugins::HostLoader;
 use crate::proxy::{self, Worker};
 use crate::ratelimit::SharedTable;
@@ -454,6 +455,14 @@ async fn serve_connection(
     } else {
         (Rewind::new(stream, bytes::Bytes::new()), opened)
     };
+    if n == 3 && probe == *b"PRI" {
+        let stall = body_timeout;
+        serve_h2(
+            stream, worker, peer, client_ip, None, &protocols, watcher, stopping, stall,
+        )
+        .await;
+        return;
+    }
     let record = FramingRecord::new();
     let svc = {
         let record = record.clone();
@@ -470,12 +479,6 @@ async fn serve_connection(
             }
         })
     };
-    if n == 3 && probe == *b"PRI" {
-        let _ = watcher
-            .watch(protocols.h2.serve_connection(TokioIo::new(stream), svc))
-            .await;
-        return;
-    }
     let io = TokioIo::new(
         FramingGuard::new(stream, protocols.max_head, record).with_timeouts(
             opened,
@@ -484,10 +487,11 @@ async fn serve_connection(
         ),
     );
     if h1 {
-        serve_h1(
+        serve_hyper(
             protocols.h1.serve_connection(io, svc).with_upgrades(),
             watcher,
             stopping,
+            None,
         )
         .await;
     } else {
@@ -510,33 +514,71 @@ fn switched<B>(record: Option<Arc<FramingRecord>>, resp: &hyper::Response<B>) {
     }
 }
 
-/// Serve an HTTP/1.1 connection that may switch protocols (WebSocket). hyper-util has no
-/// graceful watch for it, so the watcher is only held (shutdown waits for this task) and
-/// the drain signal comes from `stopping`. A switched connection leaves hyper: its
-/// session runs in a task of its own, counted in `Worker::websockets`.
-async fn serve_h1<C>(conn: C, watcher: Watcher, mut stopping: watch::Receiver<bool>)
-where
-    C: std::future::Future + GracefulH1,
+/// Serve a connection of hyper's to its end, gracefully ended by a drain. hyper-util has
+/// no graceful watch for an HTTP/1.1 connection that may switch protocols (WebSocket),
+/// so the watcher is only held (shutdown waits for this task) and the drain signal comes
+/// from `stopping`. A switched connection leaves hyper: its session runs in a task of its
+/// own, counted in `Worker::websockets`.
+///
+/// `idle`: an HTTP/2 connection's streams, ended like a drain (GOAWAY) once none has been
+/// open for the duration (`timeouts.client_idle`).
+async fn serve_hyper<C>(
+    conn: C,
+    watcher: Watcher,
+    mut stopping: watch::Receiver<bool>,
+    idle: Option<(&h2server::Streams, Duration)>,
+) where
+    C: std::future::Future + Graceful,
 {
     let _held = watcher;
     let mut conn = std::pin::pin!(conn);
-    let draining = tokio::select! {
+    let idle_wait = async {
+        match idle {
+            Some((streams, idle)) if !idle.is_zero() => streams.idle_for(idle).await,
+            _ => std::future::pending().await,
+        }
+    };
+    let ending = tokio::select! {
         _ = conn.as_mut() => return,
-        stop = stopping.wait_for(|s| *s) => stop.is_ok(),
+        stop = stopping.wait_for(|s| *s) => stop.is_ok().then_some(Ending::Drain),
+        () = idle_wait => Some(Ending::Idle),
     };
     // Without a drain signal (none can come any more) the connection is served to its end.
-    if draining {
-        conn.as_mut().begin_graceful();
+    match ending {
+        None => {}
+        Some(Ending::Drain) => conn.as_mut().begin_graceful(),
+        Some(Ending::Idle) => {
+            conn.as_mut().begin_graceful();
+            // hyper closes after the client's answer to its ping; a client that does not
+            // answer (or has not finished its preface) is dropped once it has had a second
+            // and still holds no stream.
+            let streams = idle.map(|(s, _)| s);
+            loop {
+                tokio::select! {
+                    _ = conn.as_mut() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {
+                        if !matches!(streams, Some(s) if s.open() > 0) {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
     }
     let _ = conn.await;
 }
 
-/// `graceful_shutdown` of hyper's upgradeable HTTP/1.1 connection.
-trait GracefulH1 {
+enum Ending {
+    Drain,
+    Idle,
+}
+
+/// `graceful_shutdown` of hyper's connections.
+trait Graceful {
     fn begin_graceful(self: std::pin::Pin<&mut Self>);
 }
 
-impl<I, S, B> GracefulH1 for hyper::server::conn::http1::UpgradeableConnection<I, S>
+impl<I, S, B> Graceful for hyper::server::conn::http1::UpgradeableConnection<I, S>
 where
     S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -547,6 +589,48 @@ where
     fn begin_graceful(self: std::pin::Pin<&mut Self>) {
         hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(self);
     }
+}
+
+impl<I, S, B> Graceful for hyper::server::conn::http2::Connection<I, S, TokioExecutor>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn begin_graceful(self: std::pin::Pin<&mut Self>) {
+        hyper::server::conn::http2::Connection::graceful_shutdown(self);
+    }
+}
+
+/// Serve an HTTP/2 client connection (h2c with prior knowledge, or h2 by ALPN).
+#[allow(clippy::too_many_arguments)]
+async fn serve_h2<IO>(
+    io: IO,
+    worker: Arc<Worker>,
+    peer: SocketAddr,
+    client_ip: http::HeaderValue,
+    tls: Option<TlsConn>,
+    protocols: &Protocols,
+    watcher: Watcher,
+    stopping: watch::Receiver<bool>,
+    body_stall: Duration,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let streams = h2server::Streams::new();
+    let svc = h2server::StreamService {
+        worker,
+        peer,
+        client_ip,
+        tls,
+        streams: streams.clone(),
+        body_stall,
+    };
+    let conn = protocols.h2.serve_connection(TokioIo::new(io), svc);
+    serve_hyper(conn, watcher, stopping, Some((&streams, protocols.client_idle))).await;
 }
 
 /// Serve one connection of a TLS listener: the handshake (bounded by the client idle
@@ -579,6 +663,22 @@ async fn serve_tls_connection(
     let info: TlsConn = crate::tls::connection_info(conn);
     let h2 = conn.alpn_protocol() == Some(b"h2".as_slice());
     let client_ip = client_ip_value(&peer);
+    if h2 {
+        let tls = Some(info);
+        serve_h2(
+            stream,
+            worker,
+            peer,
+            client_ip,
+            tls,
+            &protocols,
+            watcher,
+            stopping,
+            body_timeout,
+        )
+        .await;
+        return;
+    }
     let record = FramingRecord::new();
     let svc = {
         let record = record.clone();
@@ -596,23 +696,18 @@ async fn serve_tls_connection(
             }
         })
     };
-    if h2 {
-        let _ = watcher
-            .watch(protocols.h2.serve_connection(TokioIo::new(stream), svc))
-            .await;
-    } else {
-        let io = TokioIo::new(
-            FramingGuard::new(stream, protocols.max_head, record).with_timeouts(
-                opened,
-                header_timeout,
-                body_timeout,
-            ),
-        );
-        serve_h1(
-            protocols.h1.serve_connection(io, svc).with_upgrades(),
-            watcher,
-            stopping,
-        )
-        .await;
-    }
+    let io = TokioIo::new(
+        FramingGuard::new(stream, protocols.max_head, record).with_timeouts(
+            opened,
+            header_timeout,
+            body_timeout,
+        ),
+    );
+    serve_hyper(
+        protocols.h1.serve_connection(io, svc).with_upgrades(),
+        watcher,
+        stopping,
+        None,
+    )
+    .await;
 }

@@ -792,12 +792,7 @@ pub async fn read_prefix(
                         parts.push(data);
                     }
                 }
-                Some(Err(e)) => {
-                    return Err(GatewayError::new(
-                        ErrorKind::BadRequest,
-                        format!("malformed request body: {e}"),
-                    ))
-                }
+                Some(Err(e)) => return Err(crate::body::read_failed(&*e)),
             }
         }
         Ok(())

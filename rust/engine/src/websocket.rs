@@ -15,6 +15,7 @@
 //! frame's end first, and for every session to end before it exits.
 
 use crate::h1client::Stream;
+use crate::h2server::StreamHold;
 use crate::headers::next_u64;
 use crate::observe::Finish;
 use crate::upstream::InflightGuard;
@@ -107,6 +108,8 @@ pub enum Handshake {
 pub struct Pending {
     pub handshake: Handshake,
     on_upgrade: OnUpgrade,
+    /// An HTTP/2 session's stream, counted open for as long as the session lasts.
+    hold: Option<StreamHold>,
 }
 
 /// A session the upstream accepted, waiting for the client's response to go out.
@@ -119,6 +122,7 @@ pub struct Session {
     idle: Option<Duration>,
     /// The target's in-flight slot, held for the whole session (least-connections).
     guard: InflightGuard,
+    hold: Option<StreamHold>,
 }
 
 fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &[u8]) -> bool {
@@ -156,6 +160,7 @@ pub fn handshake_of(parts: &request::Parts) -> Option<Handshake> {
 /// GET of an HTTP/1.1 handshake here, so that routes, limits and plugins see one shape.
 pub fn begin(parts: &mut request::Parts, handshake: Handshake) -> Option<Pending> {
     let on_upgrade = parts.extensions.remove::<OnUpgrade>()?;
+    let hold = parts.extensions.remove::<StreamHold>();
     if handshake == Handshake::ExtendedConnect {
         parts.extensions.remove::<hyper::ext::Protocol>();
         parts.method = Method::GET;
@@ -167,6 +172,7 @@ pub fn begin(parts: &mut request::Parts, handshake: Handshake) -> Option<Pending
     Some(Pending {
         handshake,
         on_upgrade,
+        hold,
     })
 }
 
@@ -228,6 +234,7 @@ impl Pending {
             early,
             idle,
             guard,
+            hold: self.hold,
         })
     }
 }
@@ -257,9 +264,10 @@ impl Session {
                 early,
                 idle,
                 guard,
+                hold,
                 ..
             } = self;
-            let _guard = guard;
+            let _held = (guard, hold);
             let Ok(client) = on_upgrade.await else {
                 return;
             };
