@@ -355,6 +355,50 @@ def test_an_idle_http2_connection_is_closed_after_its_last_stream(
         client.close()
 
 
+def test_a_preface_split_after_its_first_byte_is_still_http2_with_its_timeouts(
+    h2_idle_gateway: Gateway,
+) -> None:
+    # Which protocol a connection speaks is told from its first three bytes: one byte,
+    # a pause, then the rest must not land it on a path without the HTTP/2 timeouts.
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.send_headers(
+        1,
+        [(":method", "GET"), (":path", "/split"), (":scheme", "http"), (":authority", "gw")],
+        end_stream=True,
+    )
+    opening = conn.data_to_send()
+    with connect(h2_idle_gateway) as s:
+        s.sendall(opening[:1])
+        time.sleep(0.3)
+        s.sendall(opening[1:])
+        data = read_to_end(s, 6)
+    assert data is not None, "the idle connection was not closed"
+    events = conn.receive_data(before_goaway(data))
+    (head,) = [e for e in events if isinstance(e, h2.events.ResponseReceived)]
+    assert dict(head.headers)[b":status"] == b"200"
+    assert GOAWAY in frame_types(data)
+
+
+def test_an_http1_request_split_after_its_first_byte_is_served(
+    h2_idle_gateway: Gateway, upstream: Upstream
+) -> None:
+    with connect(h2_idle_gateway) as s:
+        s.sendall(GET[:1])
+        time.sleep(0.3)
+        s.sendall(GET[1:])
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+    assert upstream.last().path == "/x"
+
+
+def before_goaway(data: bytes) -> bytes:
+    """The frames in ``data`` before the first GOAWAY (the h2 library refuses any after it)."""
+    at = 0
+    while len(data) - at >= 9 and data[at + 3] != GOAWAY:
+        at += 9 + int.from_bytes(data[at : at + 3], "big")
+    return data[:at]
+
+
 def test_a_silent_http2_client_is_dropped_at_the_idle_timeout(h2_idle_gateway: Gateway) -> None:
     # The preface, then nothing: not even an answer to the gateway's ping.
     with connect(h2_idle_gateway) as silent:

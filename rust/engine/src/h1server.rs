@@ -42,7 +42,7 @@ const STACK_HEADERS: usize = 64;
 /// Fields the gateway may add to a request before it goes upstream.
 const ADDED_HEADERS: usize = 8;
 /// The read buffer's size; a longer head grows it (up to `max_head`).
-const READ_SIZE: usize = 4096;
+pub const READ_SIZE: usize = 4096;
 /// Below this much free room, the buffer is topped up before a read.
 const MIN_READ_ROOM: usize = 1024;
 /// The most of an unread request body skipped to keep the connection.
@@ -72,10 +72,12 @@ pub enum Outcome {
     HandOver(TcpStream, Bytes),
 }
 
-/// Serve `stream` until it closes or needs hyper. `opened` is when the connection was
-/// accepted (the first head's clock starts then).
+/// Serve `stream` until it closes or needs hyper. `buf` holds what was read from it so far;
+/// `opened` is when the connection was accepted (the first head's clock starts then).
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     stream: TcpStream,
+    mut buf: BytesMut,
     worker: &Worker,
     peer: SocketAddr,
     client_ip: &HeaderValue,
@@ -86,7 +88,6 @@ pub async fn serve(
     // Split so that a request body can read while the connection keeps the write side.
     let (reader, mut writer) = stream.into_split();
     let mut reader = Some(reader);
-    let mut buf = BytesMut::with_capacity(READ_SIZE);
     let mut out = Vec::new();
     let mut clock = Deadlines::new(settings, opened);
     let mut first = true;

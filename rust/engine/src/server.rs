@@ -16,7 +16,6 @@ use crate::ratelimit::SharedTable;
 use crate::tls::{Terminator, TlsConn};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -24,6 +23,7 @@ use std::os::fd::{FromRawFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
@@ -131,8 +131,6 @@ fn listener_from_fd(fd: RawFd) -> Result<TcpListener, String> {
 struct Protocols {
     h1: hyper::server::conn::http1::Builder,
     h2: hyper::server::conn::http2::Builder<TokioExecutor>,
-    /// For the rare connection whose first bytes do not tell (see `serve_connection`).
-    auto: auto::Builder<TokioExecutor>,
     max_head: usize,
     max_headers: usize,
     /// A TLS client gets this long to finish its handshake.
@@ -156,20 +154,9 @@ impl Protocols {
         h2.timer(TokioTimer::new())
             .max_header_list_size(h2_headers)
             .enable_connect_protocol();
-        let mut auto = auto::Builder::new(TokioExecutor::new());
-        auto.http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(engine.client_idle)
-            .max_buf_size(max_head)
-            .max_headers(engine.limits.max_headers);
-        auto.http2()
-            .timer(TokioTimer::new())
-            .max_header_list_size(h2_headers)
-            .enable_connect_protocol();
         Protocols {
             h1,
             h2,
-            auto,
             max_head,
             max_headers: engine.limits.max_headers,
             handshake_timeout: engine.client_idle,
@@ -398,11 +385,12 @@ async fn sleep_unless_zero(d: Duration) {
 }
 
 /// Serve one client connection: HTTP/2 when it opens with the HTTP/2 preface (h2c with
-/// prior knowledge), HTTP/1.1 otherwise. Peeking at the first bytes costs one syscall
-/// per connection; hyper-util's auto-detection instead wraps every read of the
+/// prior knowledge), HTTP/1.1 otherwise. The connection's first read tells them apart
+/// (three bytes are enough: "PRI" starts no HTTP/1.1 method) and its bytes stay with the
+/// server chosen; hyper-util's auto-detection instead wraps every read of the
 /// connection's life, which profiling showed on the per-request path.
 async fn serve_connection(
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     worker: Arc<Worker>,
     protocols: Arc<Protocols>,
@@ -414,48 +402,25 @@ async fn serve_connection(
         return;
     };
     let opened = tokio::time::Instant::now();
-    let mut probe = [0u8; 3];
+    let mut first = bytes::BytesMut::with_capacity(h1server::READ_SIZE);
     // The watcher holds up shutdown until this task ends: a client that connects and sends
     // nothing must not keep the worker waiting for the grace period (nor for longer than
-    // the header timeout).
-    let peeked = tokio::select! {
-        peeked = stream.peek(&mut probe) => peeked,
-        _ = stopping.changed() => return,
-        _ = sleep_unless_zero(header_timeout) => return,
-    };
-    let n = match peeked {
-        Ok(0) | Err(_) => return,
-        Ok(n) => n,
-    };
-    let client_ip = client_ip_value(&peer);
-    let h1 = !b"PRI".starts_with(&probe[..n]);
-    // HTTP/1.1 (the first bytes cannot start the HTTP/2 preface): `h1server.rs` serves the
-    // connection until a request needs hyper.
-    let (stream, opened) = if h1 {
-        let settings = h1server::Settings {
-            max_head: protocols.max_head,
-            max_headers: protocols.max_headers,
-            idle: protocols.client_idle,
-            header: header_timeout,
-            body: body_timeout,
+    // the header timeout, counted from the connection's opening however the bytes come).
+    let until = sleep_unless_zero(header_timeout);
+    let mut until = std::pin::pin!(until);
+    while first.len() < 3 && b"PRI".starts_with(&first) {
+        let read = tokio::select! {
+            read = stream.read_buf(&mut first) => read,
+            _ = stopping.changed() => return,
+            () = until.as_mut() => return,
         };
-        let served = h1server::serve(
-            stream,
-            &worker,
-            peer,
-            &client_ip,
-            &settings,
-            opened,
-            &mut stopping,
-        );
-        match served.await {
-            Outcome::Closed => return,
-            Outcome::HandOver(stream, rest) => (Rewind::new(stream, rest), tokio::time::Instant::now()),
+        if !matches!(read, Ok(1..)) {
+            return;
         }
-    } else {
-        (Rewind::new(stream, bytes::Bytes::new()), opened)
-    };
-    if n == 3 && probe == *b"PRI" {
+    }
+    let client_ip = client_ip_value(&peer);
+    if first.starts_with(b"PRI") {
+        let stream = Rewind::new(stream, first.freeze());
         let stall = body_timeout;
         serve_h2(
             stream, worker, peer, client_ip, None, &protocols, watcher, stopping, stall,
@@ -463,6 +428,29 @@ async fn serve_connection(
         .await;
         return;
     }
+    // HTTP/1.1: `h1server.rs` serves the connection until a request needs hyper.
+    let settings = h1server::Settings {
+        max_head: protocols.max_head,
+        max_headers: protocols.max_headers,
+        idle: protocols.client_idle,
+        header: header_timeout,
+        body: body_timeout,
+    };
+    let served = h1server::serve(
+        stream,
+        first,
+        &worker,
+        peer,
+        &client_ip,
+        &settings,
+        opened,
+        &mut stopping,
+    );
+    let (stream, rest) = match served.await {
+        Outcome::Closed => return,
+        Outcome::HandOver(stream, rest) => (stream, rest),
+    };
+    let stream = Rewind::new(stream, rest);
     let record = FramingRecord::new();
     let svc = {
         let record = record.clone();
@@ -481,24 +469,18 @@ async fn serve_connection(
     };
     let io = TokioIo::new(
         FramingGuard::new(stream, protocols.max_head, record).with_timeouts(
-            opened,
+            tokio::time::Instant::now(),
             header_timeout,
             body_timeout,
         ),
     );
-    if h1 {
-        serve_hyper(
-            protocols.h1.serve_connection(io, svc).with_upgrades(),
-            watcher,
-            stopping,
-            None,
-        )
-        .await;
-    } else {
-        // Too few bytes yet to tell "PRI" from "POST" or "PUT": let hyper-util decide.
-        let conn = protocols.auto.serve_connection_with_upgrades(io, svc);
-        let _ = watcher.watch(conn).await;
-    }
+    serve_hyper(
+        protocols.h1.serve_connection(io, svc).with_upgrades(),
+        watcher,
+        stopping,
+        None,
+    )
+    .await;
 }
 
 /// The FramingRecord to tell when this request may switch the connection's protocol.
