@@ -451,10 +451,37 @@ async fn serve_connection(
         Outcome::HandOver(stream, rest) => (stream, rest),
     };
     let stream = Rewind::new(stream, rest);
+    let times = (tokio::time::Instant::now(), header_timeout, body_timeout);
+    serve_h1(
+        stream, worker, peer, client_ip, None, &protocols, watcher, stopping, times,
+    )
+    .await;
+}
+
+/// Serve an HTTP/1.1 connection on hyper (a TLS one, or a plain one `h1server.rs` handed
+/// over), under the framing guard with its head and body deadlines: `times` is when the
+/// connection's first head started and the `client_header` and `client_body` timeouts.
+#[allow(clippy::too_many_arguments)]
+async fn serve_h1<IO>(
+    stream: IO,
+    worker: Arc<Worker>,
+    peer: SocketAddr,
+    client_ip: http::HeaderValue,
+    tls: Option<TlsConn>,
+    protocols: &Protocols,
+    watcher: Watcher,
+    stopping: watch::Receiver<bool>,
+    times: (tokio::time::Instant, Duration, Duration),
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let record = FramingRecord::new();
     let svc = {
         let record = record.clone();
-        service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            if let Some(tls) = &tls {
+                req.extensions_mut().insert(tls.clone());
+            }
             let worker = worker.clone();
             let client_ip = client_ip.clone();
             let ambiguity = record.next_request();
@@ -467,9 +494,10 @@ async fn serve_connection(
             }
         })
     };
+    let (opened, header_timeout, body_timeout) = times;
     let io = TokioIo::new(
         FramingGuard::new(stream, protocols.max_head, record).with_timeouts(
-            tokio::time::Instant::now(),
+            opened,
             header_timeout,
             body_timeout,
         ),
@@ -661,35 +689,17 @@ async fn serve_tls_connection(
         .await;
         return;
     }
-    let record = FramingRecord::new();
-    let svc = {
-        let record = record.clone();
-        service_fn(move |mut req| {
-            req.extensions_mut().insert(info.clone());
-            let worker = worker.clone();
-            let client_ip = client_ip.clone();
-            let ambiguity = record.next_request();
-            let switching = switch_watch(&req, &record);
-            async move {
-                let req = req.map(InboundBody::Hyper);
-                let resp = proxy::handle(&worker, req, peer, client_ip, ambiguity).await;
-                switched(switching, &resp);
-                Ok::<_, Infallible>(resp)
-            }
-        })
-    };
-    let io = TokioIo::new(
-        FramingGuard::new(stream, protocols.max_head, record).with_timeouts(
-            opened,
-            header_timeout,
-            body_timeout,
-        ),
-    );
-    serve_hyper(
-        protocols.h1.serve_connection(io, svc).with_upgrades(),
+    let times = (opened, header_timeout, body_timeout);
+    serve_h1(
+        stream,
+        worker,
+        peer,
+        client_ip,
+        Some(info),
+        &protocols,
         watcher,
         stopping,
-        None,
+        times,
     )
     .await;
 }
