@@ -260,15 +260,17 @@ class H2Client:
     def flush(self) -> None:
         self.sock.sendall(self.conn.data_to_send())
 
-    def request(self, method: str, path: str, body: bytes = b"", end: bool = True) -> int:
+    def request(self, method: str, path: str, length: int | None = None, part: bytes = b"") -> int:
+        """Open a stream; with ``length``, a body of that length of which only ``part`` is
+        sent (the stream stays open)."""
         sid = self.conn.get_next_available_stream_id()
         headers = [(":method", method), (":path", path), (":scheme", "http")]
         headers += [(":authority", "gw.test")]
-        if body or not end:
-            headers.append(("content-length", "12"))
-        self.conn.send_headers(sid, headers, end_stream=end and not body)
-        if body:
-            self.conn.send_data(sid, body, end_stream=end)
+        if length is not None:
+            headers.append(("content-length", str(length)))
+        self.conn.send_headers(sid, headers, end_stream=length is None)
+        if part:
+            self.conn.send_data(sid, part)
         self.flush()
         return sid
 
@@ -427,7 +429,7 @@ def test_a_stalled_http2_request_body_is_cut_off(
 ) -> None:
     client = H2Client(h2_idle_gateway)
     try:
-        sid = client.request("POST", "/up", b"abc", end=False)
+        sid = client.request("POST", "/up", length=12, part=b"abc")
         started = time.monotonic()
 
         def answered(e: h2.events.Event) -> bool:

@@ -76,13 +76,13 @@ impl StallTimer {
     }
 }
 
-/// The error of a body whose client stopped sending for longer than `client_body`.
-fn stalled_error() -> BoxError {
+/// The error of a body whose client stopped sending for longer than `client_body`, whichever
+/// server read it ([`read_failed`] tells it apart by its kind).
+pub fn stalled_error() -> std::io::Error {
     std::io::Error::new(
         std::io::ErrorKind::TimedOut,
         "the request body stalled beyond the client_body timeout",
     )
-    .into()
 }
 
 /// The client's answer when its request body could not be read: 408 when it stalled
@@ -117,7 +117,7 @@ impl Body for InboundBody {
             InboundBody::Stream(s) => {
                 let (body, stall) = &mut **s;
                 match Pin::new(body).poll_frame(cx) {
-                    Poll::Pending if stall.stalled(cx) => Poll::Ready(Some(Err(stalled_error()))),
+                    Poll::Pending if stall.stalled(cx) => Poll::Ready(Some(Err(stalled_error().into()))),
                     Poll::Pending => Poll::Pending,
                     ready => {
                         stall.moved();

@@ -429,11 +429,13 @@ fn chunk_step(c: Chunk, b: u8) -> State {
 }
 
 fn timed_out(state: State) -> std::io::Error {
-    let what = match state {
-        State::Head => "the request head did not arrive within the client_header timeout",
-        _ => "the request body stalled beyond the client_body timeout",
-    };
-    std::io::Error::new(std::io::ErrorKind::TimedOut, what)
+    match state {
+        State::Head => std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the request head did not arrive within the client_header timeout",
+        ),
+        _ => crate::body::stalled_error(),
+    }
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {

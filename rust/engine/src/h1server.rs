@@ -378,11 +378,7 @@ impl Body for SizedBody {
             Poll::Pending => {
                 if this.stall.stalled(cx) {
                     this.from = None; // the connection closes after the response
-                    let e = io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "the request body stalled beyond the client_body timeout",
-                    );
-                    return Poll::Ready(Some(Err(e)));
+                    return Poll::Ready(Some(Err(crate::body::stalled_error())));
                 }
                 Poll::Pending
             }

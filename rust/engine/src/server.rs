@@ -544,30 +544,32 @@ async fn serve_hyper<C>(
     let mut conn = std::pin::pin!(conn);
     let idle_wait = async {
         match idle {
-            Some((streams, idle)) if !idle.is_zero() => streams.idle_for(idle).await,
+            Some((streams, idle)) if !idle.is_zero() => {
+                streams.idle_for(idle).await;
+                streams
+            }
             _ => std::future::pending().await,
         }
     };
     let ending = tokio::select! {
         _ = conn.as_mut() => return,
         stop = stopping.wait_for(|s| *s) => stop.is_ok().then_some(Ending::Drain),
-        () = idle_wait => Some(Ending::Idle),
+        streams = idle_wait => Some(Ending::Idle(streams)),
     };
     // Without a drain signal (none can come any more) the connection is served to its end.
     match ending {
         None => {}
         Some(Ending::Drain) => conn.as_mut().begin_graceful(),
-        Some(Ending::Idle) => {
+        Some(Ending::Idle(streams)) => {
             conn.as_mut().begin_graceful();
             // hyper closes after the client's answer to its ping; a client that does not
             // answer (or has not finished its preface) is dropped once it has had a second
             // and still holds no stream.
-            let streams = idle.map(|(s, _)| s);
             loop {
                 tokio::select! {
                     _ = conn.as_mut() => return,
                     () = tokio::time::sleep(Duration::from_secs(1)) => {
-                        if !matches!(streams, Some(s) if s.open() > 0) {
+                        if streams.open() == 0 {
                             return;
                         }
                     }
@@ -578,9 +580,10 @@ async fn serve_hyper<C>(
     let _ = conn.await;
 }
 
-enum Ending {
+enum Ending<'a> {
     Drain,
-    Idle,
+    /// No stream was open for the idle timeout.
+    Idle(&'a h2server::Streams),
 }
 
 /// `graceful_shutdown` of hyper's connections.
