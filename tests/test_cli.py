@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from importlib.metadata import version
 from pathlib import Path
@@ -59,6 +60,15 @@ def test_version_prints_the_package_version() -> None:
     out = run_cli("--version")
     assert out.returncode == 0, out.stderr
     assert version("ferrogate") in out.stdout + out.stderr
+
+
+def test_version_says_whether_the_build_is_profile_guided() -> None:
+    out = run_cli("--version")
+    built = re.search(r"\((plain|profile-guided) build\)", out.stdout + out.stderr)
+    assert built, out.stdout + out.stderr
+    if os.environ.get("FERROGATE_PGO") == "on":
+        # CI builds the wheel under test insisting on the profile (.ci/run)
+        assert built.group(1) == "profile-guided"
 
 
 def test_check_accepts_a_good_config(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ sizes as integer bytes, hash_on as an object.
 from collections.abc import Callable
 
 __all__ = [
+    "__build__",
     "__version__",
     "ai_usage_take",
     "budget_adjust",
@@ -21,8 +22,11 @@ __all__ = [
     "serve",
     "serve_echo",
     "sha256_hex",
+    "train_load",
 ]
 __version__: str
+__build__: str
+"""``profile-guided`` when compiled with the counts of the training load, else ``plain``."""
 
 def check_config(config_json: str) -> list[tuple[str, str]]:
     """Compile the config as a worker would and return its problems.
@@ -62,6 +66,15 @@ def serve(
     routing state atomically (in-flight requests finish on the old one). SIGTERM stops
     accepting and drains in-flight requests for at most ``grace_period`` seconds.
     The worker also exits when its parent dies. Raises ValueError on a bad config.
+    """
+
+def train_load() -> int:
+    """Run the profile-guided build's training load and return its request count.
+
+    A gateway with the echo upstream behind it on loopback, driven with small GETs at 64
+    and 256 connections, POSTs, unmatched paths and h2c streams, every answer checked
+    (RuntimeError on a wrong one). Its threads serve until the process exits: run it in a
+    process of its own.
     """
 
 def serve_echo(listen_fd: int) -> None:

@@ -397,9 +397,9 @@ def _cmd_import_openapi(args: argparse.Namespace) -> int:
 
 
 def _version_text() -> str:
-    from ferrogate import __version__
+    from ferrogate import __version__, _core
 
-    return f"ferrogate {__version__}"
+    return f"ferrogate {__version__} ({_core.__build__} build)"
 
 
 def _parser() -> argparse.ArgumentParser:

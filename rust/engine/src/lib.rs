@@ -57,6 +57,7 @@ pub mod split;
 pub mod sse;
 pub mod tls;
 pub mod trace;
+pub mod train;
 pub mod upstream;
 pub mod upstream_tls;
 pub mod waf;

@@ -139,6 +139,15 @@ fn serve_echo(py: Python<'_>, listen_fd: i32) -> PyResult<()> {
         .map_err(PyRuntimeError::new_err)
 }
 
+/// The profile-guided build's training load (`cext/pgo.py`): a gateway with the echo
+/// upstream behind it on loopback, driven with the usual requests, every answer checked;
+/// the number of requests. Its threads serve until the process exits (GIL released).
+#[pyfunction]
+fn train_load(py: Python<'_>) -> PyResult<u64> {
+    py.detach(ferrogate_engine::train::run)
+        .map_err(PyRuntimeError::new_err)
+}
+
 /// SHA-256 of `text`'s UTF-8 bytes in lower-case hex: the form API keys are stored and
 /// looked up in. One call, where `hashlib` takes three and sets up an OpenSSL context.
 #[pyfunction]
@@ -241,10 +250,13 @@ fn ai_usage_take(py: Python<'_>) -> PyResult<(Vec<UsageTuple<'_>>, u64)> {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // Set by `cext/pgo.py` for the build that uses the training load's counts.
+    m.add("__build__", option_env!("FERROGATE_BUILD").unwrap_or("plain"))?;
     m.add_function(wrap_pyfunction!(check_config, m)?)?;
     m.add_function(wrap_pyfunction!(route_table, m)?)?;
     m.add_function(wrap_pyfunction!(serve, m)?)?;
     m.add_function(wrap_pyfunction!(serve_echo, m)?)?;
+    m.add_function(wrap_pyfunction!(train_load, m)?)?;
     m.add_function(wrap_pyfunction!(record_span, m)?)?;
     m.add_function(wrap_pyfunction!(sha256_hex, m)?)?;
     m.add_function(wrap_pyfunction!(rate_take, m)?)?;
