@@ -4,7 +4,8 @@
 editable) it first compiles each module in ``MODULES``: ``python/ferrogate/<name>.py`` with the
 static declarations of ``cext/<name>.pxd`` (Cython's pure Python mode), into
 ``python/ferrogate/<name><EXT_SUFFIX>``, where maturin picks it up (``[tool.maturin] include``).
-Every hook, those two included, is then maturin's.
+A regular wheel's Rust code is then compiled with the counts of a training load (``pgo.py``);
+an editable one, a developer's, is not. Every hook, those two included, is then maturin's.
 
 ``python cext/build_backend.py`` compiles the modules in place and nothing else: run it after
 changing a compiled module in an editable install, where the compiled module is what imports.
@@ -21,6 +22,8 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from pgo import guided
 
 ROOT = Path(__file__).resolve().parent.parent
 CEXT = ROOT / "cext"
@@ -114,7 +117,12 @@ def build_wheel(
     metadata_directory: str | None = None,
 ) -> str:
     compile_modules()
-    return str(_maturin().build_wheel(wheel_directory, config_settings, metadata_directory))
+
+    def build(directory: str) -> str:
+        return str(_maturin().build_wheel(directory, config_settings, metadata_directory))
+
+    with guided(build):
+        return build(wheel_directory)
 
 
 def build_editable(
